@@ -1,0 +1,1 @@
+"""The PyTorch inference engine: model code, loading, tokenization, sampling, batching."""
