@@ -87,6 +87,8 @@ class SamplingParams:
         _check_int("top_logprobs", self.top_logprobs)
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             _fail("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            _fail("top_logprobs", "needs logprobs=True")
 
     @property
     def greedy(self) -> bool:
