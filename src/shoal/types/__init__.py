@@ -1,0 +1,80 @@
+"""Typed messages and state. Import the names from here (`from shoal.types import NodeId, State`)."""
+
+from shoal.types.commands import (
+    COMMAND_ADAPTER,
+    Command,
+    CommandEnvelope,
+    RemoveNodeLabel,
+    SetNodeLabel,
+)
+from shoal.types.events import (
+    EVENT_ADAPTER,
+    INDEXED_EVENT_ADAPTER,
+    Event,
+    IndexedEvent,
+    MasterElected,
+    NodeJoined,
+    NodeLabelRemoved,
+    NodeLabelSet,
+    NodeProfileUpdated,
+    NodeTimedOut,
+)
+from shoal.types.ids import CommandId, EventIndex, NodeId, Term, new_command_id
+from shoal.types.messages import (
+    WIRE_MESSAGE_ADAPTER,
+    EventRange,
+    EventRangeRequest,
+    Heartbeat,
+    Ping,
+    Pong,
+    WireMessage,
+    decode_wire_message,
+    encode_wire_message,
+)
+from shoal.types.profiles import ApiAddress, Backend, GpuInfo, NetworkInterface, NodeProfile
+from shoal.types.replies import COMMAND_REPLY_ADAPTER, CommandAccepted, CommandRejected, CommandReply
+from shoal.types.state import NodeRecord, NodeStatus, State
+
+__all__ = [
+    "COMMAND_ADAPTER",
+    "COMMAND_REPLY_ADAPTER",
+    "EVENT_ADAPTER",
+    "INDEXED_EVENT_ADAPTER",
+    "WIRE_MESSAGE_ADAPTER",
+    "ApiAddress",
+    "Backend",
+    "Command",
+    "CommandAccepted",
+    "CommandEnvelope",
+    "CommandId",
+    "CommandRejected",
+    "CommandReply",
+    "Event",
+    "EventIndex",
+    "EventRange",
+    "EventRangeRequest",
+    "GpuInfo",
+    "Heartbeat",
+    "IndexedEvent",
+    "MasterElected",
+    "NetworkInterface",
+    "NodeId",
+    "NodeJoined",
+    "NodeLabelRemoved",
+    "NodeLabelSet",
+    "NodeProfile",
+    "NodeProfileUpdated",
+    "NodeRecord",
+    "NodeStatus",
+    "NodeTimedOut",
+    "Ping",
+    "Pong",
+    "RemoveNodeLabel",
+    "SetNodeLabel",
+    "State",
+    "Term",
+    "WireMessage",
+    "decode_wire_message",
+    "encode_wire_message",
+    "new_command_id",
+]
