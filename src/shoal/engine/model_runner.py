@@ -1,0 +1,210 @@
+"""Runs one shard of a model over the paged KV cache: scheduled chunks in, logits (or hidden states) out.
+
+Inputs: each step, a sequence of `ScheduledChunk`s (prefill chunks and decode tokens of many sequences,
+in any mix; see batch.py). Outputs: fp32 logits, one row per chunk with `sample=True`, in chunk order, on
+the last pipeline stage; on other stages the hidden states (T, hidden) to hand to the next stage, where
+T is the total number of tokens in the step in chunk order.
+Invariants: the KV cache holds per layer k and v of shape (num_kv_blocks, block_size, num_kv_heads_local,
+head_dim); a chunk's positions below `start_pos` must already be in the slots its block table names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shoal.engine.batch import ScheduledChunk
+from shoal.engine.config import ModelConfig
+from shoal.engine.layers import AttentionGroup, AttentionMetadata
+from shoal.engine.loader import load_model, open_source
+from shoal.engine.models import KVCache
+from shoal.engine.parallel import Communicator, ShardSpec
+
+DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        shard: ShardSpec | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        block_size: int = 16,
+        communicator: Communicator | None = None,
+        max_num_batched_tokens: int = 8192,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available")
+        if block_size < 1 or max_num_batched_tokens < 1:
+            raise ValueError("block_size and max_num_batched_tokens must be positive")
+        source = open_source(model_path)
+        self.config: ModelConfig = source.config
+        self.shard = (shard or ShardSpec()).resolve(self.config)
+        _check_communicator(self.shard, communicator)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = min(
+            max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings
+        )
+        self.num_kv_blocks = self._num_kv_blocks(kv_cache_bytes)
+        self.model = load_model(model_path, self.shard, dtype, self.device, communicator, source=source)
+        num_layers = len(self.model.layers)
+        kv_heads = self.config.num_kv_heads // self.shard.tp_size
+        cache = torch.zeros(
+            (num_layers, 2, self.num_kv_blocks, block_size, kv_heads, self.config.head_dim),
+            dtype=dtype,
+            device=self.device,
+        )
+        self.kv_caches: list[KVCache] = [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.model.is_last_stage
+
+    def _num_kv_blocks(self, kv_cache_bytes: int) -> int:
+        layers = self.shard.layer_end - self.shard.layer_start if self.shard.layer_end is not None else 0
+        kv_heads = self.config.num_kv_heads // self.shard.tp_size
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = 2 * layers * self.block_size * kv_heads * self.config.head_dim * element_size
+        num_blocks = kv_cache_bytes // block_bytes
+        needed = -(-self.max_model_len // self.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"KV cache budget of {kv_cache_bytes} bytes holds {num_blocks} blocks of {self.block_size} tokens, "
+                f"but one sequence of max_model_len={self.max_model_len} tokens needs {needed} "
+                f"({needed * block_bytes} bytes): raise kv_cache_bytes or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def execute(
+        self, chunks: Sequence[ScheduledChunk], hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One step. Returns (num sampled chunks, vocab) fp32 logits on the last stage, else (T, hidden)."""
+        token_ids, positions, meta = self._prepare(chunks)
+        if self.model.is_first_stage:
+            inputs = token_ids
+        else:
+            if hidden_states is None or hidden_states.shape != (token_ids.shape[0], self.config.hidden_size):
+                raise ValueError(
+                    f"stage starting at layer {self.shard.layer_start} needs hidden_states of shape "
+                    f"({token_ids.shape[0]}, {self.config.hidden_size})"
+                )
+            inputs = hidden_states.to(self.device, self.dtype)
+        hidden = self.model(inputs, positions, meta, self.kv_caches)
+        if not self.model.is_last_stage:
+            return hidden
+        rows, offset = [], 0
+        for chunk in chunks:
+            offset += len(chunk.token_ids)
+            if chunk.sample:
+                rows.append(offset - 1)
+        if not rows:
+            return torch.empty((0, self.config.vocab_size), dtype=torch.float32, device=self.device)
+        selected = hidden[rows[0] : rows[0] + 1] if len(rows) == 1 else hidden[rows]
+        return self.model.compute_logits(selected).float()
+
+    def _prepare(
+        self, chunks: Sequence[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the chunks into token/position/slot tensors and plan the attention groups."""
+        if not chunks:
+            raise ValueError("execute needs at least one chunk")
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        groups: list[AttentionGroup] = []
+        decode_rows: list[int] = []
+        decode_chunks: list[ScheduledChunk] = []
+        for chunk in chunks:
+            self._check_chunk(chunk)
+            row = len(token_ids)
+            n = len(chunk.token_ids)
+            token_ids.extend(chunk.token_ids)
+            table = chunk.block_table
+            for pos in range(chunk.start_pos, chunk.end_pos):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_rows.append(row)
+                decode_chunks.append(chunk)
+            elif chunk.start_pos == 0:
+                groups.append(AttentionGroup(slice(row, row + n), None, None, True, 1))
+            else:
+                groups.append(self._context_group(slice(row, row + n), [chunk]))
+        if len(token_ids) > self.max_num_batched_tokens:
+            raise ValueError(
+                f"{len(token_ids)} tokens in one step exceed max_num_batched_tokens={self.max_num_batched_tokens}"
+            )
+        if decode_chunks:
+            first, last = decode_rows[0], decode_rows[-1]
+            contiguous = last - first + 1 == len(decode_rows)
+            rows = slice(first, last + 1) if contiguous else torch.tensor(decode_rows, device=self.device)
+            groups.append(self._context_group(rows, decode_chunks))
+        meta = AttentionMetadata(torch.tensor(slots, device=self.device), tuple(groups))
+        return (
+            torch.tensor(token_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            meta,
+        )
+
+    def _context_group(self, rows: slice | torch.Tensor, chunks: list[ScheduledChunk]) -> AttentionGroup:
+        """Queries that read their context from the cache: one chunk (any length) or many 1-token chunks."""
+        bs = self.block_size
+        lengths = [c.end_pos for c in chunks]
+        longest = max(lengths)
+        num_blocks = -(-longest // bs)
+        tables = torch.tensor(
+            [(list(c.block_table[:num_blocks]) + [0] * num_blocks)[:num_blocks] for c in chunks]
+        )
+        key_pos = torch.arange(longest)
+        gather = tables[:, key_pos // bs] * bs + key_pos % bs  # (B, L)
+        mask: torch.Tensor | None = None
+        if len(chunks) == 1 and len(chunks[0].token_ids) > 1:
+            chunk = chunks[0]
+            query_pos = torch.arange(chunk.start_pos, chunk.end_pos)
+            mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, Tq, L)
+        elif min(lengths) != longest:
+            mask = (key_pos[None, :] < torch.tensor(lengths)[:, None])[:, None, None]  # (B, 1, 1, L)
+        return AttentionGroup(
+            rows,
+            gather.to(self.device),
+            None if mask is None else mask.to(self.device),
+            False,
+            len(chunks),
+        )
+
+    def _check_chunk(self, chunk: ScheduledChunk) -> None:
+        if not chunk.token_ids or chunk.start_pos < 0:
+            raise ValueError(f"sequence {chunk.seq_id}: empty chunk or negative start position")
+        if chunk.end_pos > self.max_model_len:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: position {chunk.end_pos} exceeds max_model_len={self.max_model_len}"
+            )
+        used = chunk.block_table[: -(-chunk.end_pos // self.block_size)]
+        if len(used) * self.block_size < chunk.end_pos:
+            raise ValueError(f"sequence {chunk.seq_id}: block table too short for {chunk.end_pos} positions")
+        if min(used) < 0 or max(used) >= self.num_kv_blocks:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: block id outside the cache's {self.num_kv_blocks} blocks"
+            )
+
+
+def _check_communicator(shard: ShardSpec, communicator: Communicator | None) -> None:
+    if communicator is None:
+        if shard.tp_size > 1:
+            raise ValueError(f"tensor-parallel size {shard.tp_size} needs a communicator")
+        return
+    if communicator.world_size != shard.tp_size or communicator.rank != shard.tp_rank:
+        raise ValueError(
+            f"communicator (rank {communicator.rank} of {communicator.world_size}) does not match the shard "
+            f"(tp rank {shard.tp_rank} of {shard.tp_size})"
+        )

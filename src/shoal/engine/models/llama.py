@@ -1,0 +1,212 @@
+"""The Llama family in one file: Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Inputs per step (built by the model runner): T new tokens of many sequences flattened into one row each,
+their positions, the shared `AttentionMetadata`, and this stage's KV cache (one (k, v) pair per held layer).
+The model holds only layers [layer_start, layer_end) of its `ShardSpec`: the first stage owns the
+embedding and takes token ids, the others take the previous stage's hidden states (the residual stream,
+(T, hidden)); the last stage owns the final norm and LM head (`compute_logits`). The same code serves any
+tensor-parallel size: the parallel layers hold only their rank's heads and MLP columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.engine.config import ModelConfig
+from shoal.engine.layers import (
+    AttentionMetadata,
+    MergedColumnParallelLinear,
+    PagedAttention,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    apply_rotary,
+)
+from shoal.engine.parallel import Communicator, ShardSpec, SingleProcessCommunicator
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: (num_blocks, block_size, num_kv_heads_local, head_dim)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, shard: ShardSpec, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        tp = shard.tp_size
+        self.num_heads = config.num_heads // tp  # local
+        self.num_kv_heads = config.num_kv_heads // tp  # local
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            config.attention_bias,
+            dtype,
+            shard.tp_rank,
+            tp,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, False, dtype, shard.tp_rank, tp, comm
+        )
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # (T, H * D)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, shard: ShardSpec, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], False, dtype, shard.tp_rank, shard.tp_size
+        )
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, False, dtype, shard.tp_rank, shard.tp_size, comm
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, intermediate_local) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, shard: ShardSpec, comm: Communicator, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, shard, comm, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, shard, comm, dtype)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: ShardSpec | None = None,
+        comm: Communicator | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.shard = (shard or ShardSpec()).resolve(config)
+        comm = comm or SingleProcessCommunicator()
+        rank, tp = self.shard.tp_rank, self.shard.tp_size
+        self.is_first_stage = self.shard.is_first_stage
+        self.is_last_stage = self.shard.is_last_stage(config.num_layers)
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, rank, tp, comm)
+            if self.is_first_stage
+            else None
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.shard, comm, dtype)
+            for _ in range(self.shard.layer_start, self.num_layers_end)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.is_last_stage else None
+        self.lm_head = (
+            ParallelLMHead(config.vocab_size, config.hidden_size, dtype, rank, tp, comm)
+            if self.is_last_stage
+            else None
+        )
+        if self.lm_head is not None and self.embed_tokens is not None and config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, dtype
+        )
+
+    @property
+    def num_layers_end(self) -> int:
+        assert self.shard.layer_end is not None  # resolved in __init__
+        return self.shard.layer_end
+
+    def forward(
+        self,
+        inputs: torch.Tensor,  # first stage: (T,) token ids; others: (T, hidden) hidden states
+        positions: torch.Tensor,  # (T,)
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],  # one per held layer
+    ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
+        h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
+        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D/2) each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, meta, kv_cache)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) residual stream of the rows to sample -> (N, vocab) logits. Last stage only."""
+        if self.norm is None or self.lm_head is None:
+            raise RuntimeError("compute_logits runs on the last pipeline stage only")
+        return self.lm_head(self.norm(hidden))
+
+    def checkpoint_targets(self) -> dict[str, tuple[nn.Parameter, str | None]]:
+        """Every Hugging Face tensor name this shard needs -> (our parameter, shard id for its loader)."""
+        targets: dict[str, tuple[nn.Parameter, str | None]] = {}
+        if self.embed_tokens is not None:
+            targets["model.embed_tokens.weight"] = (self.embed_tokens.weight, None)
+        if self.norm is not None and self.lm_head is not None:
+            targets["model.norm.weight"] = (self.norm.weight, None)
+            head_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+            targets.setdefault(head_name, (self.lm_head.weight, None))
+        for local, layer in enumerate(self.layers):
+            prefix = f"model.layers.{self.shard.layer_start + local}."
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in ("q", "k", "v"):
+                targets[f"{prefix}self_attn.{proj}_proj.weight"] = (_p(attn.qkv_proj.weight), proj)
+                if attn.qkv_proj.bias is not None:
+                    targets[f"{prefix}self_attn.{proj}_proj.bias"] = (attn.qkv_proj.bias, proj)
+            targets[f"{prefix}self_attn.o_proj.weight"] = (_p(attn.o_proj.weight), None)
+            if attn.q_norm is not None and attn.k_norm is not None:
+                targets[f"{prefix}self_attn.q_norm.weight"] = (attn.q_norm.weight, None)
+                targets[f"{prefix}self_attn.k_norm.weight"] = (attn.k_norm.weight, None)
+            targets[f"{prefix}mlp.gate_proj.weight"] = (_p(mlp.gate_up_proj.weight), "0")
+            targets[f"{prefix}mlp.up_proj.weight"] = (_p(mlp.gate_up_proj.weight), "1")
+            targets[f"{prefix}mlp.down_proj.weight"] = (_p(mlp.down_proj.weight), None)
+            targets[f"{prefix}input_layernorm.weight"] = (layer.input_layernorm.weight, None)
+            targets[f"{prefix}post_attention_layernorm.weight"] = (
+                layer.post_attention_layernorm.weight,
+                None,
+            )
+        return targets
+
+
+def _p(param: nn.Parameter | None) -> nn.Parameter:
+    if param is None:
+        raise RuntimeError("weights are loaded before any layer is quantized")
+    return param
