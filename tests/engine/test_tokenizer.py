@@ -84,7 +84,7 @@ def test_bad_paths_are_clear_errors(tmp_path: Path) -> None:
         load_tokenizer(not_gguf)
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF-but-not-really")
-    with pytest.raises(ModelLoadError, match="corrupt.gguf"):
+    with pytest.raises(ModelLoadError, match=r"corrupt\.gguf"):
         load_tokenizer(corrupt, cache_dir=tmp_path / "cache")
 
 

@@ -62,7 +62,8 @@ class Tokenizer:
         """Token ids of the conversation rendered with the model's own template, ready for the reply."""
         if not self.has_chat_template:
             raise ModelLoadError("this model has no chat template: send a plain text prompt instead")
-        text = self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        conversation = [dict(message) for message in messages]
+        text = self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         # The rendered text already holds the template's special tokens (BOS included where it wants one).
         return self.encode(str(text), add_special_tokens=False)
 
