@@ -1,0 +1,152 @@
+"""Control routes of the node's HTTP API.
+
+GET /health, GET /state (replicated State + this node's `diagnostics`), GET /nodes, GET /events (SSE of
+indexed events, optionally replaying from `from_index`), POST /nodes/{node_id}/labels and
+DELETE /nodes/{node_id}/labels/{key} (commands submitted through the master; the answer is the master's:
+200 with the indices, 409 with its rejection reason, or 503 when no master answered before the deadline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from fastapi import FastAPI, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from shoal.types import (
+    INDEXED_EVENT_ADAPTER,
+    Command,
+    CommandAccepted,
+    CommandRejected,
+    IndexedEvent,
+    NodeId,
+    RemoveNodeLabel,
+    SetNodeLabel,
+    State,
+)
+
+SSE_KEEPALIVE_S = 10.0
+BACKLOG_CHUNK = 500
+
+
+class ClusterNode(Protocol):
+    """What the API needs from the node that serves it."""
+
+    @property
+    def state(self) -> State: ...
+
+    def diagnostics(self) -> dict[str, Any]: ...
+
+    async def submit(self, command: Command) -> CommandAccepted | CommandRejected | None: ...
+
+    def read_events(self, first: int, last: int) -> Sequence[IndexedEvent]: ...
+
+    def listen_events(self) -> MemoryObjectReceiveStream[IndexedEvent]: ...
+
+
+class LabelBody(BaseModel):
+    key: str
+    value: str
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
+
+
+def _invalid(error: ValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+    return _error(422, "invalid_request", problems)
+
+
+def _sse(event: IndexedEvent) -> bytes:
+    data = INDEXED_EVENT_ADAPTER.dump_json(event).decode()
+    return f"id: {event.index}\nevent: {event.event.kind}\ndata: {data}\n\n".encode()
+
+
+def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
+    app = FastAPI(title="shoal node", docs_url=None, redoc_url=None)
+
+    async def answer(command: Command) -> JSONResponse:
+        reply = await node.submit(command)
+        if reply is None:
+            return _error(
+                503,
+                "no_master",
+                f"no master answered within {command_timeout_s:g} s; the cluster may be electing",
+            )
+        if isinstance(reply, CommandRejected):
+            return _error(409, "command_rejected", reply.reason, command_id=reply.command_id)
+        return JSONResponse(reply.model_dump(mode="json"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        diagnostics = node.diagnostics()
+        return {
+            "status": "ok",
+            "node_id": diagnostics["node_id"],
+            "role": diagnostics["role"],
+            "master": diagnostics["master"],
+            "last_index": node.state.last_index,
+        }
+
+    @app.get("/state")
+    async def state() -> dict[str, Any]:
+        return {**node.state.model_dump(mode="json"), "diagnostics": node.diagnostics()}
+
+    @app.get("/nodes")
+    async def nodes() -> dict[str, Any]:
+        records = node.state.model_dump(mode="json")["nodes"]
+        return {"nodes": [{"node_id": node_id, **record} for node_id, record in sorted(records.items())]}
+
+    @app.post("/nodes/{node_id}/labels", response_model=None)
+    async def set_label(node_id: str, body: LabelBody) -> JSONResponse:
+        try:
+            command = SetNodeLabel(node_id=NodeId(node_id), key=body.key, value=body.value)
+        except ValidationError as error:
+            return _invalid(error)
+        return await answer(command)
+
+    @app.delete("/nodes/{node_id}/labels/{key:path}", response_model=None)
+    async def remove_label(node_id: str, key: str) -> JSONResponse:
+        try:
+            command = RemoveNodeLabel(node_id=NodeId(node_id), key=key)
+        except ValidationError as error:
+            return _invalid(error)
+        return await answer(command)
+
+    @app.get("/events", response_model=None)
+    async def events(from_index: int | None = Query(default=None, ge=1)) -> StreamingResponse:
+        live = node.listen_events()  # listen before reading the backlog, so nothing falls in between
+
+        async def stream() -> AsyncIterator[bytes]:
+            with live:
+                sent = node.state.last_index if from_index is None else from_index - 1
+                while from_index is not None:
+                    backlog = node.read_events(sent + 1, sent + BACKLOG_CHUNK)
+                    if not backlog:
+                        break
+                    for event in backlog:
+                        yield _sse(event)
+                    sent = backlog[-1].index
+                while True:
+                    with anyio.move_on_after(SSE_KEEPALIVE_S) as scope:
+                        try:
+                            event = await live.receive()
+                        except anyio.EndOfStream:
+                            return
+                    if scope.cancelled_caught:
+                        yield b": keepalive\n\n"
+                        continue
+                    if event.index > sent:
+                        sent = event.index
+                        yield _sse(event)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return app
