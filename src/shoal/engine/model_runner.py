@@ -185,6 +185,10 @@ class ModelRunner:
     def _check_chunk(self, chunk: ScheduledChunk) -> None:
         if not chunk.token_ids or chunk.start_pos < 0:
             raise ValueError(f"sequence {chunk.seq_id}: empty chunk or negative start position")
+        if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= self.config.vocab_size:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: token id outside the vocabulary of {self.config.vocab_size}"
+            )
         if chunk.end_pos > self.max_model_len:
             raise ValueError(
                 f"sequence {chunk.seq_id}: position {chunk.end_pos} exceeds max_model_len={self.max_model_len}"
