@@ -58,6 +58,8 @@ class TransportSettings:
     gossip_scouting: bool = True
     # Frames opened but not yet dispatched on the event loop; beyond this zenoh's threads drop (and count).
     max_pending_frames: int = 10_000
+    # Sealed frames waiting for the sender thread; beyond this `publish` waits.
+    max_outbox_frames: int = 10_000
     # Per subscription; a consumer that falls this far behind loses frames (counted) instead of stalling zenoh.
     subscription_buffer: int = 1_000
 
@@ -68,8 +70,8 @@ class TransportSettings:
             )
         for endpoint in (*self.listen, *self.connect):
             parse_endpoint(endpoint)
-        if self.max_pending_frames < 1 or self.subscription_buffer < 1:
-            raise ValueError("max_pending_frames and subscription_buffer must be positive")
+        if min(self.max_pending_frames, self.subscription_buffer, self.max_outbox_frames) < 1:
+            raise ValueError("max_pending_frames, max_outbox_frames and subscription_buffer must be positive")
 
     @classmethod
     def lan(

@@ -34,6 +34,7 @@ import zenoh
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from shoal.net.config import TransportSettings
+from shoal.net.outbox import Outbox
 from shoal.net.sealing import DropCounters, DropReason, FrameError, Sealer
 from shoal.types.ids import NodeId
 
@@ -131,6 +132,7 @@ class Transport:
             session.declare_subscriber(self._prefix + "all/**", self._on_sample),
             session.declare_subscriber(f"{self._prefix}to/{self.node_id}/**", self._on_sample),
         ]
+        self._outbox = Outbox(session, self.node_id, settings.max_outbox_frames)
 
     @classmethod
     async def open(cls, settings: TransportSettings, sealer: Sealer) -> Transport:
@@ -162,18 +164,17 @@ class Transport:
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Broadcast `payload` on `topic` to every node of the cluster (this one included)."""
-        self._put("all/" + check_topic(topic), payload)
+        await self._put("all/" + check_topic(topic), payload)
 
     async def send(self, node_id: NodeId, topic: str, payload: bytes) -> None:
         """Send `payload` on `topic` to one node only."""
-        self._put(f"to/{_check_node_id(node_id)}/{check_topic(topic)}", payload)
+        await self._put(f"to/{_check_node_id(node_id)}/{check_topic(topic)}", payload)
 
-    def _put(self, route: str, payload: bytes) -> None:
+    async def _put(self, route: str, payload: bytes) -> None:
         if self._closed:
             raise TransportClosedError(f"transport of node {self.node_id} is closed")
         frame = self._sealer.seal(payload, context=route.encode())
-        # Express: small control messages go out at once instead of waiting to be batched.
-        self._session.put(self._prefix + route, frame, express=True)
+        await self._outbox.put(self._prefix + route, frame)
 
     def subscribe(self, topic: str, *, buffer: int | None = None) -> Subscription:
         """Broadcasts on `topic`, from every node including this one.
@@ -240,6 +241,7 @@ class Transport:
                 subscription.close()
         for subscriber in self._subscribers:
             subscriber.undeclare()
+        await self._outbox.close()
         await anyio.to_thread.run_sync(self._session.close)
 
     async def __aenter__(self) -> Transport:
