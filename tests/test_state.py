@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from shoal.state import InvalidEventError, apply, apply_all
@@ -236,3 +238,56 @@ def test_state_round_trips_through_json() -> None:
         NodeTimedOut(node_id=A),
     )
     assert State.model_validate_json(state.model_dump_json()) == state
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_histories_match_a_plain_model(seed: int) -> None:
+    """Random valid histories (joins, re-joins, timeouts, label churn, profile updates, elections) folded
+    by `apply` agree with a model kept in plain dicts."""
+    rng = random.Random(seed)
+    node_ids = [NodeId(f"n{i}") for i in range(4)]
+    status: dict[NodeId, str] = {}
+    labels: dict[NodeId, dict[str, str]] = {}
+    joined_at: dict[NodeId, int] = {}
+    memory: dict[NodeId, int] = {}
+    term, master = 1, node_ids[0]
+    state = apply(State(), at(1, MasterElected(node_id=master, term=Term(1))))
+    for index in range(2, 200):
+        choice = rng.random()
+        node_id = rng.choice(node_ids)
+        event: Event
+        if choice < 0.08:
+            term += rng.randint(1, 3)
+            master = node_id
+            event = MasterElected(node_id=node_id, term=Term(term))
+        elif node_id not in status or choice < 0.25:
+            gib = rng.randint(1, 16)
+            event = NodeJoined(node_id=node_id, profile=profile(node_id, gib))
+            status[node_id] = "active"
+            joined_at.setdefault(node_id, index)
+            labels.setdefault(node_id, {})
+            memory[node_id] = gib
+        elif choice < 0.4:
+            event = NodeTimedOut(node_id=node_id)
+            status[node_id] = "timed_out"
+        elif choice < 0.55:
+            gib = rng.randint(1, 16)
+            event = NodeProfileUpdated(node_id=node_id, profile=profile(node_id, gib))
+            memory[node_id] = gib
+        elif choice < 0.8:
+            key, value = rng.choice("abc"), str(rng.randint(0, 9))
+            event = NodeLabelSet(node_id=node_id, key=key, value=value)
+            labels[node_id][key] = value
+        else:
+            key = rng.choice("abc")
+            event = NodeLabelRemoved(node_id=node_id, key=key)
+            labels[node_id].pop(key, None)
+        state = apply(state, at(index, event, term))
+        assert state.last_index == index
+    assert (state.term, state.master) == (term, master)
+    assert set(state.nodes) == set(status)
+    for node_id, record in state.nodes.items():
+        assert record.status == status[node_id]
+        assert record.labels == labels[node_id]
+        assert record.joined_at_index == joined_at[node_id]
+        assert record.profile.memory_available_bytes == memory[node_id] * 2**30
