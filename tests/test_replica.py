@@ -96,8 +96,8 @@ def test_new_master_with_same_history_is_verified_and_followed(tmp_path: Path) -
     replica.on_event(OTHER, ev(3, "other"))  # held until verified
     assert replica.last_index == 2
     request = replica.next_request(now=1.0)
-    assert request is not None and request.first_index == 2
-    replica.on_range(OTHER, [ev(2)])
+    assert request is not None and request.first_index == 1
+    replica.on_range(OTHER, [ev(1), ev(2)])
     assert not replica.verifying and replica.last_index == 3
     assert replica.num_truncations == 0
     replica.close()
@@ -105,18 +105,34 @@ def test_new_master_with_same_history_is_verified_and_followed(tmp_path: Path) -
 
 def test_diverged_tail_is_dropped_and_replaced_by_the_masters(tmp_path: Path) -> None:
     replica = make(tmp_path)
-    replica.follow(ME)  # this node was master and wrote 1..3
-    replica.commit([ev(1), ev(2), ev(3, "me", stamp=1.0)])
+    replica.follow(ME)  # this node was master and wrote 1..4
+    replica.commit([ev(1), ev(2), ev(3, "me", stamp=1.0), ev(4, "me", stamp=1.0)])
     replica.follow(M)  # the cluster went on with another master whose event 3 differs
+    request = replica.next_request(now=1.0)
+    assert request is not None and request.first_index == 1
+    replica.on_range(M, [ev(1), ev(2), ev(3), ev(4), ev(5)])
+    assert replica.num_truncations == 1 and not replica.verifying
+    assert replica.read_range(1, 5) == [ev(1), ev(2), ev(3), ev(4), ev(5)]
+    replica.close()
+
+
+def test_divergence_older_than_one_window_is_found(tmp_path: Path) -> None:
+    from shoal.replica import VERIFY_WINDOW
+
+    n = VERIFY_WINDOW + 10
+    replica = make(tmp_path)
+    replica.follow(ME)
+    replica.commit([ev(1), *(ev(i, "me", stamp=1.0) for i in range(2, n + 1))])
+    replica.follow(M)
     first = replica.next_request(now=1.0)
-    assert first is not None and first.first_index == 3
-    replica.on_range(M, [ev(3), ev(4)])
-    assert replica.num_truncations == 1 and replica.last_index == 2 and replica.verifying
+    assert first is not None and first.first_index == n - VERIFY_WINDOW + 1
+    replica.on_range(M, [])  # the master's log ends long before
+    assert replica.verifying and replica.last_index == n - VERIFY_WINDOW
     second = replica.next_request(now=1.1)
-    assert second is not None and second.first_index == 2
-    replica.on_range(M, [ev(2), ev(3), ev(4)])
+    assert second is not None and second.first_index == 1
+    replica.on_range(M, [ev(1), ev(2)])
     assert not replica.verifying
-    assert replica.read_range(1, 4) == [ev(1), ev(2), ev(3), ev(4)]
+    assert replica.read_range(1, n) == [ev(1), ev(2)]
     replica.close()
 
 

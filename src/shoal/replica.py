@@ -11,8 +11,8 @@ Invariants:
 - on start the state is rebuilt from the node's own log;
 - whenever the followed master changes, the replica first checks that its last event is the master's
   event at that index. A node that was master (or wrongly believed it was) may hold events no one else
-  has; the check finds that, drops the differing tail from its log and checks again one event earlier —
-  the master's log is the authority.
+  has; the check compares its last events with the master's, drops the differing tail from its log (looking
+  further back while a whole window differs) — the master's log is the authority.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from shoal.state import InvalidEventError, apply
 from shoal.types import EventIndex, EventRangeRequest, IndexedEvent, NodeId, State
 
 log = logging.getLogger(__name__)
+
+VERIFY_WINDOW = 64  # events compared per round trip when checking the log against a new master
 
 Listener = Callable[[Sequence[IndexedEvent]], None]
 
@@ -142,35 +144,41 @@ class Replica:
             self._reorder.offer(event, self.last_index)
         self._apply_run(self._reorder.take_ready(self.last_index))
 
-    def _check_divergence(self, events: Sequence[IndexedEvent]) -> bool:
-        """True when the log agrees with the master's (possibly after truncating it to nothing); False while
-        a verification is still open (a mismatch truncated the log's last event, or `events` answered some
-        other request)."""
+    def _verify_window(self) -> tuple[int, int]:
+        """[first, last] of this node's events compared with the master's in one round trip."""
         assert self._verify_index is not None
-        index = self._verify_index
-        theirs = next((e for e in events if e.index == index), None)
-        if theirs is None and events:
-            return False  # an answer to some other request
-        if theirs is not None and self.read_range(index, index) == [theirs]:
+        return max(1, self._verify_index - VERIFY_WINDOW + 1), self._verify_index
+
+    def _check_divergence(self, events: Sequence[IndexedEvent]) -> bool:
+        """Compare the verification window with the master's `events`. True when the log agrees with the
+        master's up to its (possibly truncated) end; False while verification goes on one window earlier,
+        or when `events` answered some other request."""
+        first, last = self._verify_window()
+        if events and events[0].index != first:
+            return False
+        theirs = {e.index: e for e in events}
+        mine = self.read_range(first, last)
+        diverged_at = next((e.index for e in mine if theirs.get(e.index) != e), None)
+        if diverged_at is None:
             return True
-        self._truncate(index)
-        # Nothing left to compare: take the master's events from index 1.
-        return self._verify_index is None
+        self._truncate(diverged_at)
+        if diverged_at == first and self.last_index > 0:
+            self._verify_index = self.last_index  # the whole window differed: look further back
+            return False
+        return True
 
     def _truncate(self, index: int) -> None:
-        """Drop this node's events from `index` on (the master never had them) and verify the one before."""
+        """Drop this node's events from `index` on: the master's log does not have them."""
         self.num_truncations += 1
         log.warning(
-            "replica log diverged from master %s at event %d: dropping events %d..%d and re-checking",
+            "replica log diverged from master %s: dropping events %d..%d",
             self._master,
-            index,
             index,
             self.last_index,
         )
         self._log.truncate_from(index)
         self.state = self._log.replay()
         self._reorder.clear()
-        self._verify_index = self.last_index if self.last_index > 0 else None
         self._request_sent_at = None
 
     def next_request(self, now: float) -> EventRangeRequest | None:
@@ -180,7 +188,7 @@ class Replica:
         if self._request_sent_at is not None and now - self._request_sent_at < self._request_retry_s:
             return None
         if self._verify_index is not None:
-            first = self._verify_index
+            first, _ = self._verify_window()
             wanted: tuple[int, int] | None = (first, first + MAX_RANGE - 1)
         else:
             wanted = missing_range(self.last_index, self._reorder.pending_indices(), self._master_last_index)
