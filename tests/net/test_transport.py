@@ -14,7 +14,7 @@ from net_helpers import free_port, wait_until
 
 from shoal.net.config import TransportSettings
 from shoal.net.sealing import DropReason, Sealer
-from shoal.net.transport import Transport, TransportClosedError
+from shoal.net.transport import Transport, TransportClosedError, TransportOpenError
 
 CLUSTER = "nettest"
 KEY = b"the cluster secret"
@@ -320,3 +320,23 @@ async def test_own_broadcasts_are_delivered_and_invalid_names_refused(anyio_back
             await transport.send("a/b", "echo", b"x")
     finally:
         await transport.close()
+
+
+@pytest.mark.anyio
+async def test_burst_arrives_complete_and_in_order(cluster: Cluster) -> None:
+    a, b, c = cluster.members
+    inboxes = [b.subscribe("burst", buffer=3000), c.subscribe("burst", buffer=3000)]
+    for i in range(2000):
+        await a.publish("burst", i.to_bytes(4, "big"))
+    for inbox in inboxes:
+        received = [int.from_bytes((await receive_one(inbox))[1], "big") for _ in range(2000)]
+        assert received == list(range(2000))
+        inbox.close()
+
+
+@pytest.mark.anyio
+async def test_listen_port_in_use_is_a_clear_error(cluster: Cluster) -> None:
+    taken = cluster.members[0].settings.listen[0]
+    port = int(taken.rsplit(":", 1)[1])
+    with pytest.raises(TransportOpenError, match=f"listen {taken}"):
+        await Transport.open(TransportSettings.loopback(CLUSTER, port=port), Sealer(KEY, CLUSTER, "clash"))

@@ -2,7 +2,7 @@
 
 from shoal.net.config import TransportSettings
 from shoal.net.sealing import DropCounters, DropReason, FrameError, Sealer
-from shoal.net.transport import Subscription, Transport, TransportClosedError
+from shoal.net.transport import Subscription, Transport, TransportClosedError, TransportOpenError
 
 __all__ = [
     "DropCounters",
@@ -12,5 +12,6 @@ __all__ = [
     "Subscription",
     "Transport",
     "TransportClosedError",
+    "TransportOpenError",
     "TransportSettings",
 ]

@@ -114,7 +114,12 @@ class TransportSettings:
         return {
             "mode": "peer",
             "listen": {"endpoints": list(self.listen)},
-            "connect": {"endpoints": list(self.connect)},
+            # Retry unreachable peers quickly (zenoh's default backs off to 4 s): a peer restarted after a
+            # crash should be back in the mesh well within the cluster's failover budget.
+            "connect": {
+                "endpoints": list(self.connect),
+                "retry": {"period_init_ms": 250, "period_max_ms": 2000, "period_increase_factor": 2},
+            },
             "scouting": {
                 "multicast": {
                     "enabled": self.multicast_scouting,

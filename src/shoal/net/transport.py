@@ -50,6 +50,10 @@ class TransportClosedError(Exception):
     """The transport was used after `close()`."""
 
 
+class TransportOpenError(Exception):
+    """Zenoh refused to start, e.g. the listen port is taken."""
+
+
 def check_topic(topic: str) -> str:
     if not _TOPIC.match(topic):
         raise ValueError(
@@ -137,7 +141,12 @@ class Transport:
     @classmethod
     async def open(cls, settings: TransportSettings, sealer: Sealer) -> Transport:
         config = settings.zenoh_config()
-        session = await anyio.to_thread.run_sync(zenoh.open, config)
+        try:
+            session = await anyio.to_thread.run_sync(zenoh.open, config)
+        except zenoh.ZError as error:
+            raise TransportOpenError(
+                f"could not open the transport (listen {', '.join(settings.listen)}): {error}"
+            ) from error
         try:
             return cls(settings, sealer, session)
         except BaseException:
