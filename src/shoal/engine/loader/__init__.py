@@ -94,5 +94,5 @@ def _load_param(name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id: 
             raise ValueError(f"shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         else:
             param.data.copy_(loaded)
-    except ValueError as exc:
-        raise ModelLoadError(f"tensor {name!r}: {exc}") from exc
+    except (ValueError, RuntimeError, IndexError) as exc:  # a checkpoint tensor of the wrong shape
+        raise ModelLoadError(f"tensor {name!r} of shape {tuple(loaded.shape)} does not fit: {exc}") from exc
