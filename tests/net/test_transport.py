@@ -340,3 +340,13 @@ async def test_listen_port_in_use_is_a_clear_error(cluster: Cluster) -> None:
     port = int(taken.rsplit(":", 1)[1])
     with pytest.raises(TransportOpenError, match=f"listen {taken}"):
         await Transport.open(TransportSettings.loopback(CLUSTER, port=port), Sealer(KEY, CLUSTER, "clash"))
+
+
+@pytest.mark.anyio
+async def test_drops_are_logged_with_their_counts(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    b = cluster.members[1]
+    b._last_drop_warning = -1e9  # the module's earlier drops may have used up this interval's warning
+    with caplog.at_level("WARNING", logger="shoal.net.transport"):
+        cluster.raw.put(f"shoal/{CLUSTER}/all/logged", b"\x01garbage")
+        await wait_until(lambda: "dropped a frame on all/logged" in caplog.text, what="drop warning")
+    assert "malformed" in caplog.text

@@ -8,8 +8,12 @@ The header (everything before the ciphertext) plus a context the receiver knows 
 AEAD's associated data, so no byte of the header can be changed, and no frame moved to another topic or
 recipient, without failing authentication. Each sender encrypts under its own key, derived from the cluster
 key and its id, and a nonce built from a hash of its id and its counter: nonces never repeat under one key
-while the counter only grows. The counter starts at the wall clock in nanoseconds, so a restarted sender
-continues above every counter it used before (it cannot send more than one frame per nanosecond).
+while the counter only grows. The counter starts at the wall clock in nanoseconds and then counts frames,
+so a restarted sender continues above every counter it used before (it cannot send more than one frame per
+nanosecond). It counts frames rather than following the clock so that the receivers' window (in counter
+units) tolerates reordering of `REPLAY_WINDOW` frames. Limitation: if the wall clock steps back across a
+restart by more than the process lived, receivers that saw the old counters drop the new ones as replays
+until they restart themselves.
 
 Receivers keep, per sender, the highest counter seen and a bitmap of the `REPLAY_WINDOW` counters below it:
 a frame is accepted once, slightly out-of-order frames are accepted once, duplicates and frames older than

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 _NODE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Dropped frames are always counted; a warning with the counts goes to the log at most this often.
+DROP_WARNING_INTERVAL_S = 10.0
 
 Message = tuple[NodeId, bytes]
 
@@ -132,6 +135,7 @@ class Transport:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._closed = False
+        self._last_drop_warning = -DROP_WARNING_INTERVAL_S
         self._subscribers = [
             session.declare_subscriber(self._prefix + "all/**", self._on_sample),
             session.declare_subscriber(f"{self._prefix}to/{self.node_id}/**", self._on_sample),
@@ -217,12 +221,15 @@ class Transport:
             try:
                 sender, payload = self._sealer.open(sample.payload.to_bytes(), context=route.encode())
             except FrameError as error:
-                log.debug("dropped frame on %s: %s", route, error)
+                self._warn_drop(route, error.reason, error.detail)
                 return
             with self._pending_lock:
                 if self._closed or self._pending >= self.settings.max_pending_frames:
                     if not self._closed:
                         self.drops.add(DropReason.OVERFLOW)
+                        self._warn_drop(
+                            route, DropReason.OVERFLOW, "too many frames waiting for the event loop"
+                        )
                     return
                 self._pending += 1
             self._loop.call_soon_threadsafe(self._dispatch, route, sender, payload)
@@ -238,6 +245,20 @@ class Transport:
         for subscription in list(self._routes.get(route, ())):
             if not subscription._offer((sender, payload)):
                 self.drops.add(DropReason.OVERFLOW)
+                self._warn_drop(route, DropReason.OVERFLOW, "a subscriber is too far behind")
+
+    def _warn_drop(self, route: str, reason: DropReason, detail: str) -> None:
+        """Rate-limited, from any thread (a race costs at most one extra line)."""
+        now = time.monotonic()
+        if now - self._last_drop_warning >= DROP_WARNING_INTERVAL_S:
+            self._last_drop_warning = now
+            log.warning(
+                "dropped a frame on %s (%s: %s); dropped so far: %s",
+                route,
+                reason,
+                detail,
+                self.drops.snapshot(),
+            )
 
     async def close(self) -> None:
         """Stop receiving, end every subscription's iterator, and leave the cluster."""
