@@ -21,6 +21,13 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# HF `model_type` -> architecture, for configs that lack `architectures`.
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 # GGUF `general.architecture` -> HF architecture.
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -86,7 +93,8 @@ class ModelConfig:
         cls, config: Mapping[str, Any], generation: Mapping[str, Any] | None = None
     ) -> ModelConfig:
         architectures = config.get("architectures") or []
-        architecture = architectures[0] if architectures else str(config.get("model_type", "<none>"))
+        model_type = str(config.get("model_type", "<none>"))
+        architecture = architectures[0] if architectures else _MODEL_TYPES.get(model_type, model_type)
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported model architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"

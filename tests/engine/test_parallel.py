@@ -1,0 +1,148 @@
+"""Sharded equals unsplit: tensor parallel (2 ranks in 2 threads) and two pipeline stages, in one process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from shoal.engine.batch import ScheduledChunk
+from shoal.engine.config import ModelConfig
+from shoal.engine.model_runner import ModelRunner
+from shoal.engine.parallel import ShardSpec, SingleProcessCommunicator
+from tests.engine.tiny_models import tiny_hf_config, write_tiny_model
+
+STEPS = [
+    [ScheduledChunk(0, (5, 17, 200, 33, 4, 99, 150), 0, (2, 0), sample=True)],
+    [
+        ScheduledChunk(0, (61,), 7, (2, 0), sample=True),
+        ScheduledChunk(1, (8, 9, 10, 11, 12), 0, (1, 3), sample=True),
+    ],
+    [ScheduledChunk(0, (62,), 8, (2, 0, 4), sample=True), ScheduledChunk(1, (13,), 5, (1, 3), sample=True)],
+]
+
+
+class ThreadCommunicator:
+    """All-reduce between threads of one process: each rank posts its tensor, all wait, all sum."""
+
+    def __init__(self, rank: int, slots: list[torch.Tensor | None], barrier: threading.Barrier) -> None:
+        self._rank = rank
+        self._slots = slots
+        self._barrier = barrier
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self._slots)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._slots[self._rank] = tensor.clone()
+        self._barrier.wait(timeout=30)
+        total = torch.stack([t for t in self._slots if t is not None]).sum(0)
+        self._barrier.wait(timeout=30)  # nobody overwrites a slot before everyone has summed
+        return tensor.copy_(total)
+
+
+def make_runner(path: Path, **kwargs: object) -> ModelRunner:
+    return ModelRunner(path, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4, **kwargs)  # type: ignore[arg-type]
+
+
+def run_steps(runner_step: Callable[[list[ScheduledChunk]], torch.Tensor]) -> list[torch.Tensor]:
+    return [runner_step(step) for step in STEPS]
+
+
+def in_threads(functions: list[Callable[[], list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+    results: list[list[torch.Tensor]] = [[] for _ in functions]
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            results[i] = functions[i]()
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(len(functions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"), [("qwen2", {}), ("smollm", {"vocab_size": 255}), ("qwen3", {})]
+)
+def test_tensor_parallel_two_ranks_equal_unsplit(
+    tmp_path: Path, arch: str, overrides: dict[str, int]
+) -> None:
+    write_tiny_model(tmp_path, arch, **overrides)
+    expected = run_steps(make_runner(tmp_path).execute)
+    slots: list[torch.Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+    ranks = [
+        make_runner(
+            tmp_path,
+            shard=ShardSpec(tp_rank=r, tp_size=2),
+            communicator=ThreadCommunicator(r, slots, barrier),
+        )
+        for r in range(2)
+    ]
+    assert ranks[0].model.layers[0].self_attn.qkv_proj.weight.shape[0] == expected_qkv_rows(tmp_path) // 2
+    results = in_threads([lambda runner=runner: run_steps(runner.execute) for runner in ranks])
+    for rank_logits in results:
+        for got, want in zip(rank_logits, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def expected_qkv_rows(path: Path) -> int:
+    config = ModelConfig.from_hf_dir(path)
+    return (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_two_pipeline_stages_equal_unsplit(tmp_path: Path, split: int) -> None:
+    write_tiny_model(tmp_path, "llama")
+    expected = run_steps(make_runner(tmp_path).execute)
+    first = make_runner(tmp_path, shard=ShardSpec(layer_end=split))
+    last = make_runner(tmp_path, shard=ShardSpec(layer_start=split))
+    assert first.model.lm_head is None and last.model.embed_tokens is None
+    assert len(first.model.layers) + len(last.model.layers) == 3
+
+    def pipeline_step(step: list[ScheduledChunk]) -> torch.Tensor:
+        hidden = first.execute(step)
+        assert hidden.shape == (sum(len(c.token_ids) for c in step), 64)
+        return last.execute(step, hidden_states=hidden)
+
+    for got, want in zip(run_steps(pipeline_step), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shard_spec_validation() -> None:
+    config = ModelConfig.from_hf_dict(tiny_hf_config("llama").to_dict())  # 4 heads, 2 kv heads, 3 layers
+    assert ShardSpec().resolve(config).layer_end == 3
+    assert ShardSpec(layer_start=1, layer_end=3).resolve(config).is_last_stage(3)
+    assert not ShardSpec(layer_start=1, layer_end=2).is_first_stage
+    with pytest.raises(ValueError, match="must divide"):
+        ShardSpec(tp_rank=0, tp_size=4).resolve(config)  # 2 kv heads
+    with pytest.raises(ValueError, match="outside a group"):
+        ShardSpec(tp_rank=2, tp_size=2).resolve(config)
+    with pytest.raises(ValueError, match="layer range"):
+        ShardSpec(layer_start=2, layer_end=5).resolve(config)
+    with pytest.raises(ValueError, match="layer range"):
+        ShardSpec(layer_start=2, layer_end=2).resolve(config)
+
+
+def test_runner_checks_communicator_against_shard(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path, "llama")
+    with pytest.raises(ValueError, match="needs a communicator"):
+        make_runner(tmp_path, shard=ShardSpec(tp_rank=0, tp_size=2))
+    with pytest.raises(ValueError, match="does not match"):
+        make_runner(tmp_path, shard=ShardSpec(tp_rank=1, tp_size=2), communicator=SingleProcessCommunicator())
