@@ -100,6 +100,9 @@ async def test_nothing_leaves_loopback(cluster: Cluster) -> None:
     for transport in cluster.everyone:
         assert transport.settings.is_loopback_only()
         assert transport.links(), "transport has no links"
+        # Gossip meshed everyone (3 members, the stranger, the raw session) though each only knew node-a,
+        # and the only locators it spread were loopback ones.
+        await wait_until(lambda t=transport: len(t.peers()) == 4, what="a full mesh")
         for src, dst in transport.links():
             assert src.startswith("tcp/127.0.0.1:") and dst.startswith("tcp/127.0.0.1:"), (src, dst)
 

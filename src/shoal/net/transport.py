@@ -162,11 +162,6 @@ class Transport:
         """Frames dropped by reason: the sealer's rejections plus `overflow` from full queues."""
         return self._sealer.drops
 
-    @property
-    def key_prefix(self) -> str:
-        """`shoal/<cluster>/`: every key this transport uses starts with it."""
-        return self._prefix
-
     def peers(self) -> list[str]:
         """Zenoh ids of the peers this session is connected to right now."""
         return [str(zid) for zid in self._session.info.peers_zid()]
