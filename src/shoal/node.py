@@ -311,6 +311,10 @@ class Node:
             task_status.started()
             try:
                 await master.run(term)
+            except Exception:
+                # Top of the role: a failing master steps down (the election then picks again) instead of
+                # taking the node, its replica and its API down with it.
+                log.exception("master role failed in term %d; stepping down", term)
             finally:
                 self._master, self._master_scope = None, None
 
