@@ -7,10 +7,16 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from test_placement import cluster, make_node
 
 from shoal.engine.config import ModelConfig
+from shoal.engine.embedded import embedded_model_path
+from shoal.engine.loader import load_config
 from shoal.master.model_card import model_card_from_config
+from shoal.master.placement import PlacementError, place
 from shoal.master.shard_memory import stage_kv_bytes, stage_weight_bytes
+from shoal.types.instance_ids import InstanceId
+from shoal.types.instances import Instance, PlacementRequest
 
 TINY: dict[str, Any] = {
     "vocab_size": 97,
@@ -84,3 +90,21 @@ def test_known_total_scales_the_parts() -> None:
         model_card_from_config(config, model_id="t", source="s", weight_bytes=0)
     with pytest.raises(ValueError, match="unsupported dtype"):
         model_card_from_config(config, model_id="t", source="s", dtype="int8")
+
+
+def test_embedded_model_card_matches_its_gguf_tensors_and_places() -> None:
+    """SmolLM2-135M: the card counts every parameter; its 9 heads cannot split in 2."""
+    path = embedded_model_path()
+    card = model_card_from_config(load_config(path), model_id="smollm2", source=str(path), dtype="bfloat16")
+    # the published parameter count of SmolLM2-135M (what its GGUF tensors hold: tied, no output.weight)
+    assert card.weight_bytes == 2 * 134_515_008
+    nodes = cluster(make_node("a", 500 * 10**6), make_node("b", 500 * 10**6))
+    request = PlacementRequest(model_id="smollm2", kv_headroom_tokens=1024)
+    instance = place(card, nodes, {}, request, instance_id=InstanceId("i"))
+    assert isinstance(instance, Instance) and instance.sharding == "pipeline"
+    assert [(s.layer_start, s.layer_end) for s in instance.shards] == [(0, 15), (15, 30)]
+    tensor = place(
+        card, nodes, {}, request.model_copy(update={"sharding": "tensor"}), instance_id=InstanceId("i")
+    )
+    assert isinstance(tensor, PlacementError)
+    assert "tensor parallel needs num_heads (9), num_kv_heads (3) divisible by world size 2" in tensor.reason

@@ -481,3 +481,13 @@ def test_previews_list_every_feasible_placement_and_no_infeasible_one() -> None:
 
 def test_previews_are_empty_when_nothing_fits() -> None:
     assert previews(CARD, cluster(make_node("a", 100 * MB), make_node("b", 100 * MB)), {}) == []
+
+
+def test_nccl_memory_error_is_reported_when_some_nodes_lack_gpus() -> None:
+    nodes = cluster(
+        make_node("a", 64 * GB),
+        make_node("b", 1 * GB, gpus=(300 * MB,)),
+        make_node("c", 1 * GB, gpus=(300 * MB,)),
+    )
+    reason = failed(CARD, nodes, request(backend="nccl"))
+    assert "over 2 nodes (nccl): needs" in reason and "free together" in reason

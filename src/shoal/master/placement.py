@@ -194,9 +194,9 @@ def _place(
         gpu_error = _nccl_error(candidates, slots_by_backend["nccl"], request)
         if gpu_error is not None:
             return gpu_error
-    failures: list[str] = []
+    failures: list[str] = []  # of the largest size tried: the closest to fitting, so the most telling
     for size in sizes:
-        failures = []
+        size_failures: list[str] = []
         for backend in backends:
             slots = slots_by_backend[backend]
             if len(slots) < size or (explicit and len(slots) < len(candidates)):
@@ -211,7 +211,10 @@ def _place(
                 built = build(card, ordered, tokens, instance_id, backend, rendezvous)
                 if isinstance(built, Instance):
                     return built, ordered
-                failures.append(f"{sharding} over {size} node{'s' if size > 1 else ''} ({backend}): {built}")
+                size_failures.append(
+                    f"{sharding} over {size} node{'s' if size > 1 else ''} ({backend}): {built}"
+                )
+        failures = size_failures or failures
     return PlacementError(f"cannot place {card.model_id}: " + "; ".join(failures or ["no node can run it"]))
 
 
