@@ -37,7 +37,7 @@ def runner() -> ModelRunner:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    cache_dir = tmp_path_factory.getbasetemp() / "tokenizer-cache"
+    cache_dir = tmp_path_factory.getbasetemp() / "xdg-cache" / "shoal" / "tokenizers"
     return load_tokenizer(embedded_model_path(), cache_dir=cache_dir)
 
 

@@ -20,7 +20,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Shared by this session's test modules: the first load converts the GGUF, later ones hit the cache.
-    return tmp_path_factory.getbasetemp() / "tokenizer-cache"
+    return tmp_path_factory.getbasetemp() / "xdg-cache" / "shoal" / "tokenizers"
 
 
 @pytest.fixture(scope="module")
