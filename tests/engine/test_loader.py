@@ -189,7 +189,18 @@ def test_unsupported_gguf_architecture_and_tensor_type(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         open_source(tmp_path / "gpt2.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "i8.gguf", "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.int8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="unsupported type I8"):
+        open_source(tmp_path / "i8.gguf")
+
+
+def test_gguf_missing_tensor(tmp_path: Path) -> None:
     hf_model = tiny_hf_model("smollm")
-    path = write_tiny_gguf(tmp_path / "i8.gguf", hf_model, skip=("model.layers.0.mlp.up_proj.weight",))
+    path = write_tiny_gguf(tmp_path / "partial.gguf", hf_model, skip=("model.layers.0.mlp.up_proj.weight",))
     with pytest.raises(ModelLoadError, match="missing tensors"):
         load_model(path)

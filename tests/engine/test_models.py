@@ -70,3 +70,32 @@ def test_chunked_prefill_matches_transformers(tiny: tuple[Path, object]) -> None
     expected = hf_logits(hf_model, ids)
     for got, pos in zip(outputs, [5, 10, 18], strict=True):
         torch.testing.assert_close(got, expected[pos], atol=ATOL, rtol=0)
+
+
+def test_weight_kernel_hook_replaces_every_matmul(tmp_path: Path) -> None:
+    """The quantization contract: `set_weight_kernel` routes the product and frees `.weight`."""
+    from shoal.engine.layers import LinearBase, ParallelLMHead
+
+    hf_model = write_tiny_model(tmp_path, "qwen2")
+    runner = make_runner(tmp_path)
+    calls: list[str] = []
+
+    def kernel_for(name: str, weight: torch.Tensor) -> object:
+        held = weight.detach().clone()  # the kernel owns its copy of W
+
+        def kernel(x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return x @ held.T
+
+        return kernel
+
+    for name, module in runner.model.named_modules():
+        if isinstance(module, LinearBase | ParallelLMHead):
+            assert module.weight is not None
+            module.set_weight_kernel(kernel_for(name, module.weight))  # type: ignore[arg-type]
+            if isinstance(module, LinearBase):
+                assert module.weight is None
+    ids = prompt(7, seed=4)
+    (logits,) = run_chunks(runner, ids, [7])
+    torch.testing.assert_close(logits, hf_logits(hf_model, ids)[-1], atol=ATOL, rtol=0)
+    assert len(set(calls)) == 3 * 4 + 1  # qkv, o, gate_up, down per layer, and the head

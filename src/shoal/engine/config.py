@@ -156,7 +156,7 @@ class ModelConfig:
             num_heads = int(field("attention.head_count"))
             hidden_size = int(field("embedding_length"))
             head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden_size // num_heads)
-            vocab = metadata.get(f"{arch}.vocab_size") or metadata.get("tokenizer.ggml.tokens.count", 0)
+            vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ())
             scaling_type = metadata.get(f"{arch}.rope.scaling.type")
             rope_scaling = None
             if scaling_type == "linear":

@@ -9,6 +9,8 @@ collective (each rank writes its slice into zeros, then all-reduce), so `Communi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,10 +60,24 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden (N, hidden) -> logits (N, vocab_size), full rows on every rank."""
+    """hidden (N, hidden) -> logits (N, vocab_size), full rows on every rank.
+
+    Quantization hook like `LinearBase`'s: `set_weight_kernel(kernel)` routes the product through
+    `kernel(x) -> x @ W.T` for the local W = `.weight` (rows_per_rank, hidden), zero rows padding the
+    vocabulary included. Unlike a linear layer the head keeps `.weight`: with tied embeddings the token
+    embedding reads the same tensor (the quant module may free it itself when the head is untied).
+    """
+
+    _kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def set_weight_kernel(self, kernel: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._kernel = kernel
+
+    def apply_weight(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._kernel(hidden) if self._kernel is not None else F.linear(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)  # (N, rows_per_rank)
+        local = self.apply_weight(hidden)  # (N, rows_per_rank)
         if self.tp_size == 1:
             return local[:, : self.vocab_size]
         full = hidden.new_zeros(hidden.shape[0], self.rows_per_rank * self.tp_size)

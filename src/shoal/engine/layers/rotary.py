@@ -42,6 +42,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 class RotaryEmbedding(nn.Module):
     cos: torch.Tensor  # (max_positions, head_dim/2)
     sin: torch.Tensor
+
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype
     ) -> None:

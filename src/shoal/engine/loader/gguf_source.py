@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp), dequantized to float through the `gguf` package.
+"""GGUF files (llama.cpp), parsed by `gguf_file` and dequantized to float through the `gguf` package.
 
 Tensor names are mapped to Hugging Face's so one loading path serves both formats. llama.cpp stores the
 Q and K projections of Llama-architecture models permuted for its interleaved rotary layout; reading
@@ -10,18 +10,17 @@ factors, which becomes the config's rope scaling.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from shoal.engine.config import ModelConfig, RopeScaling
 from shoal.engine.errors import ModelLoadError, UnsupportedModelError
+from shoal.engine.loader.gguf_file import GGUFFile, GGUFTensor
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -59,21 +58,16 @@ class GGUFSource:
 
     def __init__(self, file: Path) -> None:
         self.file = file
-        try:
-            reader = GGUFReader(file)
-        except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as exc:
-            raise ModelLoadError(
-                f"{file} is not a readable GGUF file (truncated or corrupt?): {exc}"
-            ) from exc
-        self._reader = reader
-        metadata = _metadata(reader)
-        self._tensors = {t.name: t for t in reader.tensors}
+        gguf_file = GGUFFile(file)
+        self._tensors = gguf_file.tensors
+        for tensor in self._tensors.values():
+            _check_type(file, tensor)
+        metadata = dict(gguf_file.metadata)
         metadata["_tie_word_embeddings"] = "output.weight" not in self._tensors
         config = ModelConfig.from_gguf_metadata(metadata)
         self._permute_qk = metadata.get("general.architecture") in ("llama", "mistral")
         self._hf_to_gguf: dict[str, str] = {}
-        for name, tensor in self._tensors.items():
-            _check_tensor(file, tensor)
+        for name in self._tensors:
             if name in _SKIPPED:
                 continue
             hf_name = _hf_name(name)
@@ -83,10 +77,9 @@ class GGUFSource:
                 )
             self._hf_to_gguf[hf_name] = name
         if "rope_freqs.weight" in self._tensors:
-            factors = self._dequantized("rope_freqs.weight").reshape(-1)
+            factors = tuple(self._dequantized("rope_freqs.weight").reshape(-1).tolist())
             config = replace(
-                config,
-                rope_scaling=RopeScaling(kind="freq_factors", factor=1.0, factors=tuple(factors.tolist())),
+                config, rope_scaling=RopeScaling(kind="freq_factors", factor=1.0, factors=factors)
             )
         self.config = config
 
@@ -101,18 +94,16 @@ class GGUFSource:
         return weights
 
     def close(self) -> None:
-        self._tensors.clear()
+        self._tensors = {}
 
     def _dequantized(self, gguf_name: str) -> np.ndarray:
         tensor = self._tensors[gguf_name]
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dims fastest-first
         try:
-            array = np.ascontiguousarray(
-                dequantize(tensor.data, tensor.tensor_type).reshape(shape), dtype=np.float32
-            )
+            array = dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
         except (ValueError, NotImplementedError) as exc:
             raise ModelLoadError(f"{self.file}: cannot decode tensor {gguf_name!r}: {exc}") from exc
         # F32 tensors come back as read-only views of the memory-mapped file; torch wants its own copy.
+        array = np.ascontiguousarray(array, dtype=np.float32)
         return array if array.flags.writeable else array.copy()
 
 
@@ -136,30 +127,14 @@ def _hf_name(name: str) -> str | None:
     return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
 
 
-def _check_tensor(file: Path, tensor: Any) -> None:
+def _check_type(file: Path, tensor: GGUFTensor) -> None:
     qtype = tensor.tensor_type
-    if qtype not in _PLAIN_TYPES and qtype not in _SUPPORTED_QUANT_TYPES:
-        try:  # probe the gguf package with one zero block of this type
-            dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
-        except (NotImplementedError, KeyError) as exc:
-            raise UnsupportedModelError(
-                f"{file}: tensor {tensor.name!r} has unsupported type {qtype.name}"
-            ) from exc
-        _SUPPORTED_QUANT_TYPES.add(qtype)
-    if tensor.data.nbytes != int(tensor.n_bytes):
-        raise ModelLoadError(
-            f"{file} is truncated: tensor {tensor.name!r} has {tensor.data.nbytes} of {tensor.n_bytes} bytes"
-        )
-
-
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    metadata: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in _BULK_FIELDS:
-            metadata[f"{key}.count"] = len(field.data)
-            continue
-        try:
-            metadata[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"GGUF metadata field {key!r} is unreadable: {exc}") from exc
-    return metadata
+    if qtype in _PLAIN_TYPES or qtype in _SUPPORTED_QUANT_TYPES:
+        return
+    try:  # probe the gguf package with one zero block of this type
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except (NotImplementedError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"{file}: tensor {tensor.name!r} has unsupported type {qtype.name}"
+        ) from exc
+    _SUPPORTED_QUANT_TYPES.add(qtype)
