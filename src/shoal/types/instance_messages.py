@@ -84,6 +84,11 @@ class RunnerStatusChanged(FrozenModel):
     status: RunnerStatus
 
 
+# Plain type-level unions for the code that handles these (master decisions, reducer helper); the
+# discriminated unions on the wire stay `Command` and `Event`.
+InstanceCommand = PlaceInstance | CreateInstance | DeleteInstance | ReportRunnerStatus
+InstanceEvent = InstanceCreated | InstanceDeleted | RunnerStatusChanged
+
 INSTANCE_COMMANDS: tuple[type[FrozenModel], ...] = (
     PlaceInstance,
     CreateInstance,
