@@ -15,7 +15,7 @@ from shoal.engine.output_processor import RequestOutput
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import Tokenizer, load_tokenizer
 
-GREEDY = SamplingParams(temperature=0, max_tokens=8)
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -122,11 +122,11 @@ def test_eos_stops_unless_ignored(engine: LLMEngine) -> None:
 
 def test_stop_strings_cut_the_text_and_never_leak(engine: LLMEngine) -> None:
     prompt = chat("Write a long story about a brave knight and a dragon.")
-    (full,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24))
+    (full,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16))
     # A stop string spanning several tokens, starting mid-text.
-    stop = full.text[20:32]
+    stop = full.text[12:24]
     assert len(engine.tokenizer.encode(stop, add_special_tokens=False)) > 1
-    engine.add_request("stopped", prompt, SamplingParams(temperature=0, max_tokens=24, stop=[stop, "zzzz"]))
+    engine.add_request("stopped", prompt, SamplingParams(temperature=0, max_tokens=16, stop=[stop, "zzzz"]))
     deltas: list[RequestOutput] = []
     while engine.has_unfinished():
         deltas.extend(engine.step())
@@ -146,7 +146,7 @@ def test_abort_one_request_leaves_the_others_unchanged(engine: LLMEngine) -> Non
     for i, prompt in enumerate(PROMPTS[:3]):
         engine.add_request(f"req-{i}", prompt, GREEDY)
     collected: dict[str, list[RequestOutput]] = {f"req-{i}": [] for i in range(3)}
-    for _ in range(3):
+    for _ in range(2):
         for out in engine.step():
             collected[out.request_id].append(out)
     assert engine.abort("req-1")
