@@ -8,6 +8,8 @@ Invariants:
 - An incumbent (a live node that says it is master, with the highest term among those that do) keeps the
   role unless a `--force-master` node appears; this keeps a healthy master from flapping because a
   follower's `last_index` briefly equals its own.
+- A node whose master role keeps failing says so in its heartbeats (`eligible` false while it backs
+  off) and is passed over, so the role moves to a healthy node instead of crashing in a loop.
 - Without an incumbent: force_master first, then highest last_index (the most complete log, so nothing
   placed is lost), then highest term, then the smallest node id.
 - Terms only grow: a node that takes the role uses `next_term` = max term seen + 1.
@@ -31,6 +33,7 @@ class Candidate:
     force_master: bool
     is_master: bool
     heard_at: float
+    eligible: bool = True  # False while the node backs off from the master role after failing in it
 
 
 def live_candidates(candidates: Iterable[Candidate], now: float, liveness_s: float) -> list[Candidate]:
@@ -48,8 +51,8 @@ def _incumbent(candidates: list[Candidate]) -> Candidate | None:
 
 
 def choose_master(candidates: Iterable[Candidate], now: float, liveness_s: float) -> NodeId | None:
-    """The master among the live candidates, or None when no candidate is live."""
-    live = live_candidates(candidates, now, liveness_s)
+    """The master among the live, eligible candidates, or None when there is none."""
+    live = [c for c in live_candidates(candidates, now, liveness_s) if c.eligible]
     if not live:
         return None
     forced = [c for c in live if c.force_master]
@@ -88,6 +91,10 @@ class Election:
         self._started_at = started_at
         self._peers: dict[NodeId, Candidate] = {}
 
+    def settle_from(self, now: float) -> None:
+        """Start the settling period again at `now` (the node starts sending its heartbeats only then)."""
+        self._started_at = now
+
     def observe(self, candidate: Candidate) -> None:
         if candidate.node_id != self.node_id:
             self._peers[candidate.node_id] = candidate
@@ -116,6 +123,7 @@ class Election:
             force_master=own.force_master,
             is_master=own.is_master,
             heard_at=now,
+            eligible=own.eligible,
         )
         master = choose_master([me, *peers], now, self._settings.liveness_s)
         return Decision(master=master, is_self=master == self.node_id)

@@ -9,14 +9,21 @@ Every message travels on one topic, `cluster`: broadcasts under `all/cluster`, d
 sends itself commands and replies by the same path as everyone else.
 
 Invariants: the master role runs only while this node's election says so, in its own cancel scope; a
+master role that fails steps down and sits out a growing backoff (not eligible in its heartbeats); a
 message that fails to decode, or claims another sender than the one that sealed it, is counted and dropped;
 one task group owns every task and one `finally` closes the transport and the log.
+
+Clashing ids: a node listens before it sends anything. If it hears a heartbeat under its own id from
+another process (a copied data directory), it stays silent for good — its frames would displace the
+original's in every receiver's replay window — and says so in its log, `/health` and `/state`. A clash
+heard later (two copies started at once) is counted, logged and shown the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -33,21 +40,25 @@ from pydantic import ValidationError
 from shoal.api.app import create_app
 from shoal.api.feed import EventFeed
 from shoal.election import Candidate, Election, ElectionSettings, next_term
-from shoal.identity import load_or_create_identity
+from shoal.identity import IdentityError, load_or_create_identity
+from shoal.master.event_log import EventLogError
 from shoal.master.master import Master, MasterSettings
 from shoal.net.config import TransportSettings
 from shoal.net.sealing import Sealer
-from shoal.net.transport import Transport
+from shoal.net.transport import Transport, TransportOpenError
+from shoal.node_commands import CommandSender
+from shoal.node_guards import MessageDrops, RoleBackoff
 from shoal.node_links import LinkProber
 from shoal.node_log import describe_event
+from shoal.node_startup import StartupError, advertised_host, bind_api_socket
 from shoal.replica import Replica
 from shoal.types import (
     ApiAddress,
     Command,
     CommandAccepted,
-    CommandEnvelope,
-    CommandId,
+    CommandBatch,
     CommandRejected,
+    EventBatch,
     EventRange,
     EventRangeRequest,
     Heartbeat,
@@ -55,13 +66,13 @@ from shoal.types import (
     NodeId,
     Ping,
     Pong,
+    ReplyBatch,
     State,
     WireMessage,
     decode_wire_message,
     encode_wire_message,
-    new_command_id,
 )
-from shoal.worker.profile import ProfileGatherer
+from shoal.worker.profile import ProfileGatherer, read_network_interfaces
 
 log = logging.getLogger("shoal.node")
 
@@ -92,28 +103,10 @@ class NodeSettings:
     def tick_s(self) -> float:
         return min(0.1, self.heartbeat_interval_s / 2)
 
-
-class _PendingReplies:
-    """Commands this node sent, waiting for the master's answer."""
-
-    def __init__(self) -> None:
-        self._events: dict[CommandId, anyio.Event] = {}
-        self._replies: dict[CommandId, CommandReply] = {}
-
-    def expect(self, command_id: CommandId) -> anyio.Event:
-        event = anyio.Event()
-        self._events[command_id] = event
-        return event
-
-    def resolve(self, reply: CommandReply) -> None:
-        event = self._events.get(reply.command_id)
-        if event is not None and not event.is_set():
-            self._replies[reply.command_id] = reply
-            event.set()
-
-    def take(self, command_id: CommandId) -> CommandReply | None:
-        self._events.pop(command_id, None)
-        return self._replies.pop(command_id, None)
+    @property
+    def quiet_s(self) -> float:
+        """How long a starting node listens (for a clashing id) before it sends its first frame."""
+        return 2 * self.heartbeat_interval_s
 
 
 class Node:
@@ -139,14 +132,12 @@ class Node:
         self._master: Master | None = None
         self._master_scope: anyio.CancelScope | None = None
         self._followed: NodeId | None = None
-        self._pending = _PendingReplies()
-        self._counters: dict[str, int] = {
-            "undecodable": 0,
-            "spoofed_sender": 0,
-            "clashing_node_id": 0,
-            "commands_rejected": 0,
-            "commands_timed_out": 0,
-        }
+        self._commands = CommandSender(node_id, settings.command_timeout_s, lambda: self._followed)
+        self._drops = MessageDrops()
+        self._backoff = RoleBackoff()
+        self._spoke = False  # sent a frame yet: until then a heartbeat under our id proves a clash
+        self.quarantined = False
+        self.identity_clash: dict[str, Any] | None = None
 
     # --- what the API sees -------------------------------------------------------------------------------
 
@@ -160,17 +151,24 @@ class Node:
 
     def diagnostics(self) -> dict[str, Any]:
         drops = self._transport.drops.snapshot() if self._transport is not None else {}
+        role = "quarantined" if self.quarantined else "master" if self.is_master else "follower"
         return {
             "node_id": self.node_id,
-            "role": "master" if self.is_master else "follower",
+            "role": role,
+            "identity_clash": self.identity_clash,
             "master": self._followed,
             "term": self.replica.state.term,
             "cluster": self.settings.cluster_name,
             "cluster_key_secret": self._sealer.has_secret,
             "dropped_frames": drops,
             "dropped_frames_total": sum(drops.values()),
-            "dropped_messages": dict(self._counters),
+            "dropped_messages": dict(self._drops.counts),
+            "dropped_messages_total": self._drops.total,
+            "commands_rejected": self._commands.num_rejected,
+            "commands_timed_out": self._commands.num_timed_out,
             "master_rejected_commands": self._master.num_rejected_commands if self._master else 0,
+            "master_role_failures": self._backoff.num_failures_total,
+            "eligible_for_master": self._backoff.eligible(time.monotonic()),
             "replica_rejected_events": self.replica.num_rejected_events,
             "replica_truncations": self.replica.num_truncations,
             "link_rtts_ms": self._links.rtts_ms(),
@@ -185,43 +183,33 @@ class Node:
 
     async def submit(self, command: Command) -> CommandReply | None:
         """Send `command` to the master, resending while the master changes; None if no answer in time."""
-        envelope = CommandEnvelope(command_id=new_command_id(), origin=self.node_id, command=command)
-        answered = self._pending.expect(envelope.command_id)
-        with anyio.move_on_after(self.settings.command_timeout_s):
-            while not answered.is_set():
-                if self._followed is not None:
-                    await self._send(self._followed, envelope)
-                with anyio.move_on_after(1.0):
-                    await answered.wait()
-        reply = self._pending.take(envelope.command_id)
-        if reply is None:
-            self._counters["commands_timed_out"] += 1
-        elif isinstance(reply, CommandRejected):
-            self._counters["commands_rejected"] += 1
-        return reply
+        if self.quarantined:
+            return None
+        return await self._commands.submit(command)
 
     # --- running -----------------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, api_socket: socket.socket) -> None:
         transport = await Transport.open(self.settings.transport, self._sealer)
         self._transport = transport
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(self, self.settings.command_timeout_s),
-                host=self.settings.api_host,
-                port=self.settings.api_port,
-                log_level="warning",
-                lifespan="off",
+                create_app(self, self.settings.command_timeout_s), log_level="warning", lifespan="off"
             )
         )
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stop_on_signal, tg)
+                tg.start_soon(self._serve_api, server, api_socket)
                 tg.start_soon(self._receive, transport.subscribe(TOPIC))
                 tg.start_soon(self._receive, transport.subscribe_direct(TOPIC))
+                await self._listen_before_speaking(transport)
+                if self.quarantined:
+                    return  # the API and the receive loops stay up, so the clash can be seen
+                self.election.settle_from(time.monotonic())
+                tg.start_soon(self._commands.run, self._send)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._control, tg)
-                tg.start_soon(self._serve_api, server)
-                tg.start_soon(self._stop_on_signal, tg)
         finally:
             server.should_exit = True
             self.feed.close()
@@ -230,9 +218,21 @@ class Node:
             self.replica.close()
             log.info("node %s stopped", self.node_id)
 
-    async def _serve_api(self, server: uvicorn.Server) -> None:
+    async def _listen_before_speaking(self, transport: Transport) -> None:
+        """Hear the cluster for `quiet_s` (from when the first peer connects, at most 3 x that in all)
+        before this node's first frame: long enough to hear a heartbeat under our own id, if any."""
+        started = time.monotonic()
+        deadline = started + self.settings.quiet_s
+        connected = False
+        while not self.quarantined and time.monotonic() < deadline:
+            if not connected and transport.peers():
+                connected = True
+                deadline = min(time.monotonic() + self.settings.quiet_s, started + 3 * self.settings.quiet_s)
+            await anyio.sleep(0.05)
+
+    async def _serve_api(self, server: uvicorn.Server, api_socket: socket.socket) -> None:
         # uvicorn installs no signal handlers when served this way; the node owns SIGINT/SIGTERM.
-        await server.serve()
+        await server.serve(sockets=[api_socket])
 
     async def _stop_on_signal(self, tg: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -253,6 +253,7 @@ class Node:
                     last_index=self.replica.state.last_index,
                     force_master=self.settings.force_master,
                     is_master=self.is_master,
+                    eligible=self._backoff.eligible(time.monotonic()),
                     profile=profile,
                 )
             )
@@ -276,6 +277,7 @@ class Node:
                 force_master=self.settings.force_master,
                 is_master=self.is_master,
                 heard_at=now,
+                eligible=self._backoff.eligible(now),
             )
             decision = self.election.decide(own, now)
             if decision.is_self and self._master is None:
@@ -305,6 +307,7 @@ class Node:
             self.replica,
             self,
         )
+        started = time.monotonic()
         with anyio.CancelScope() as scope:
             self._master, self._master_scope = master, scope
             self.replica.follow(None)
@@ -312,9 +315,16 @@ class Node:
             try:
                 await master.run(term)
             except Exception:
-                # Top of the role: a failing master steps down (the election then picks again) instead of
-                # taking the node, its replica and its API down with it.
-                log.exception("master role failed in term %d; stepping down", term)
+                # Top of the role: a failing master steps down and sits out a growing pause (its heartbeats
+                # say it is not eligible), so another node takes the role instead of this one crashing in
+                # a loop; the node, its replica and its API stay up.
+                pause = self._backoff.failed(started, time.monotonic())
+                log.exception(
+                    "master role failed in term %d (%d in a row); stepping down, not eligible for %.0f s",
+                    term,
+                    self._backoff.num_failures,
+                    pause,
+                )
             finally:
                 self._master, self._master_scope = None, None
 
@@ -328,10 +338,12 @@ class Node:
 
     async def _broadcast(self, message: WireMessage) -> None:
         assert self._transport is not None
+        self._spoke = True
         await self._transport.publish(TOPIC, encode_wire_message(message))
 
     async def _send(self, node_id: NodeId, message: WireMessage) -> None:
         assert self._transport is not None
+        self._spoke = True
         await self._transport.send(node_id, TOPIC, encode_wire_message(message))
 
     async def _receive(self, subscription: Any) -> None:
@@ -339,8 +351,7 @@ class Node:
             try:
                 message = decode_wire_message(payload)
             except ValidationError as error:
-                self._counters["undecodable"] += 1
-                log.debug("undecodable message from %s: %s", sender, error)
+                self._drops.count("undecodable", sender, str(error))
                 continue
             try:
                 await self._handle(NodeId(sender), message)
@@ -350,10 +361,29 @@ class Node:
 
     def _claims_other_sender(self, sender: NodeId, claimed: NodeId) -> bool:
         if claimed != sender:
-            self._counters["spoofed_sender"] += 1
-            log.debug("message from %s claims to come from %s", sender, claimed)
+            self._drops.count("spoofed_sender", sender, f"{claimed!r} in a frame sealed by {sender!r}")
             return True
         return False
+
+    def _on_clash(self, heartbeat: Heartbeat) -> None:
+        profile = heartbeat.profile
+        self.identity_clash = {
+            "other_hostname": profile.hostname,
+            "other_api": f"{profile.api_address.host}:{profile.api_address.port}",
+            "other_started_at": profile.started_at,
+        }
+        self._drops.count("clashing_node_id", heartbeat.node_id, "a heartbeat under this node's id")
+        if not self._spoke and not self.quarantined:
+            self.quarantined = True
+            log.error(
+                "node id %s is already in use by a node on %s (api %s): this process copied its identity "
+                "(data dir %s). It stays silent so the other node keeps working; stop it and give it its own "
+                "--data-dir",
+                self.node_id,
+                profile.hostname,
+                self.identity_clash["other_api"],
+                self.settings.data_dir,
+            )
 
     async def _handle(self, sender: NodeId, message: WireMessage) -> None:
         now = time.monotonic()
@@ -361,36 +391,42 @@ class Node:
             if self._claims_other_sender(sender, message.node_id):
                 return
             if sender == self.node_id and message.profile.started_at != self._profiles.started_at:
-                self._counters["clashing_node_id"] += 1
-                log.warning("another process uses this node's id %s (same identity key?): ignored", sender)
+                self._on_clash(message)
                 return
+        if self.quarantined:
+            return
+        if isinstance(message, Heartbeat):
             if sender != self.node_id:
                 self.election.observe(
                     Candidate(
-                        sender, message.term, message.last_index, message.force_master, message.is_master, now
+                        sender,
+                        message.term,
+                        message.last_index,
+                        message.force_master,
+                        message.is_master,
+                        now,
+                        message.eligible,
                     )
                 )
                 self.replica.on_master_heartbeat(sender, message.last_index)
             if self._master is not None:
                 self._master.submit(message)
-        elif isinstance(message, IndexedEvent):
-            self.replica.on_event(sender, message)
+        elif isinstance(message, EventBatch):
+            self.replica.on_events(sender, message.events)
         elif isinstance(message, EventRange):
             self.replica.on_range(sender, message.events)
         elif isinstance(message, EventRangeRequest):
             if self._master is not None and not self._claims_other_sender(sender, message.requester):
                 await self._send(sender, self._master.answer_range(message))
-        elif isinstance(message, CommandEnvelope):
-            if self._claims_other_sender(sender, message.origin):
-                return
-            if self._master is not None:
-                self._master.submit(message)
-            # A command sent to a node that is not (or no longer) master: the requester resends it to the
-            # master it follows; its deadline bounds the wait.
-        elif isinstance(message, CommandAccepted | CommandRejected):
-            # Any member may answer (a master that was just replaced still answers what it decided);
-            # command ids are random, so an answer only matches the command it was meant for.
-            self._pending.resolve(message)
+        elif isinstance(message, CommandBatch):
+            for envelope in message.commands:
+                # A command sent to a node that is not (or no longer) master is dropped here: the
+                # requester resends it to the master it follows, and its deadline bounds the wait.
+                if not self._claims_other_sender(sender, envelope.origin) and self._master is not None:
+                    self._master.submit(envelope)
+        elif isinstance(message, ReplyBatch):
+            for reply in message.replies:
+                self._commands.resolve(reply)
         elif isinstance(message, Ping):
             if not self._claims_other_sender(sender, message.node_id):
                 await self._send(
@@ -423,17 +459,30 @@ def banner(settings: NodeSettings, node_id: NodeId, has_secret: bool) -> str:
 
 
 def run_node(settings: NodeSettings) -> int:
-    """Load (or create) this node's identity, say who it is, and run until SIGINT/SIGTERM."""
-    identity = load_or_create_identity(settings.data_dir)
-    node_id = identity.node_id
-    sealer = Sealer(settings.cluster_key, settings.cluster_name, node_id)
+    """Load (or create) this node's identity, say who it is, and run until SIGINT/SIGTERM. What stops the
+    node from starting (its key, its log, a taken port) is one line on stderr and exit status 1."""
+    try:
+        identity = load_or_create_identity(settings.data_dir)
+        node_id = identity.node_id
+        sealer = Sealer(settings.cluster_key, settings.cluster_name, node_id)
+        api_socket = bind_api_socket(settings.api_host, settings.api_port)
+    except (IdentityError, StartupError) as error:
+        print(f"shoal node: {error}", file=sys.stderr, flush=True)
+        return 1
+    advertised = advertised_host(settings.api_host, read_network_interfaces())
     profiles = ProfileGatherer(
         node_id,
         settings.data_dir / "models",
-        ApiAddress(host=settings.api_host, port=settings.api_port),
+        ApiAddress(host=advertised, port=api_socket.getsockname()[1]),
         time.time(),
     )
     print(banner(settings, node_id, sealer.has_secret), file=sys.stderr, flush=True)
-    node = Node(settings, node_id, sealer, profiles)
-    anyio.run(node.run)
+    try:
+        node = Node(settings, node_id, sealer, profiles)
+        anyio.run(node.run, api_socket)
+    except (EventLogError, TransportOpenError) as error:
+        print(f"shoal node: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        api_socket.close()
     return 0

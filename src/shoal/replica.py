@@ -1,6 +1,6 @@
 """Replica: every node's copy of the cluster state, folded from the master's indexed events.
 
-Inputs: indexed events broadcast by the master it follows (`on_event`), answers to its range requests
+Inputs: indexed events broadcast by the master it follows (`on_events`), answers to its range requests
 (`on_range`), the master's last index from its heartbeats (`on_master_heartbeat`), and, on the master
 itself, the events it writes (`commit`). Output: `state`, the node's own EventLog, listeners called with
 every run of newly applied events, and `next_request` — the EventRangeRequest to send the master, if any.
@@ -126,9 +126,14 @@ class Replica:
             self._master_last_index = last_index
 
     def on_event(self, sender: NodeId, event: IndexedEvent) -> None:
+        self.on_events(sender, (event,))
+
+    def on_events(self, sender: NodeId, events: Sequence[IndexedEvent]) -> None:
+        """A broadcast run of events: applied (and persisted in one append) as far as it continues the log."""
         if sender != self._master or sender == self.node_id:
             return
-        self._reorder.offer(event, self.last_index)
+        for event in events:
+            self._reorder.offer(event, self.last_index)
         if not self.verifying:
             self._apply_run(self._reorder.take_ready(self.last_index))
 

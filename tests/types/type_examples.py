@@ -8,9 +8,11 @@ from pydantic import BaseModel
 from shoal.types import (
     ApiAddress,
     CommandAccepted,
+    CommandBatch,
     CommandEnvelope,
     CommandId,
     CommandRejected,
+    EventBatch,
     EventIndex,
     EventRange,
     EventRangeRequest,
@@ -29,6 +31,7 @@ from shoal.types import (
     Ping,
     Pong,
     RemoveNodeLabel,
+    ReplyBatch,
     SetNodeLabel,
     Term,
 )
@@ -96,6 +99,7 @@ WIRE_EXAMPLES: dict[type[BaseModel], BaseModel] = {
         last_index=EventIndex(41),
         force_master=False,
         is_master=True,
+        eligible=True,
         profile=make_profile(),
     ),
     EventRangeRequest: EventRangeRequest(
@@ -104,10 +108,24 @@ WIRE_EXAMPLES: dict[type[BaseModel], BaseModel] = {
     EventRange: EventRange(
         events=(_indexed(1, EVENT_EXAMPLES[MasterElected]), _indexed(2, EVENT_EXAMPLES[NodeJoined]))
     ),
-    IndexedEvent: _indexed(5, EVENT_EXAMPLES[NodeLabelSet]),
-    CommandEnvelope: CommandEnvelope(command_id=COMMAND_ID, origin=NODE_B, command=SET_LABEL),
-    CommandAccepted: REPLY_EXAMPLES[CommandAccepted],
-    CommandRejected: REPLY_EXAMPLES[CommandRejected],
+    EventBatch: EventBatch(
+        events=(
+            _indexed(5, EVENT_EXAMPLES[NodeLabelSet]),
+            IndexedEvent.model_validate(
+                {
+                    "index": EventIndex(6),
+                    "term": Term(1),
+                    "timestamp": 1_700_000_002.0,
+                    "event": EVENT_EXAMPLES[NodeLabelRemoved],
+                    "command_id": COMMAND_ID,
+                }
+            ),
+        )
+    ),
+    CommandBatch: CommandBatch(
+        commands=(CommandEnvelope(command_id=COMMAND_ID, origin=NODE_B, command=SET_LABEL),)
+    ),
+    ReplyBatch: ReplyBatch(replies=(REPLY_EXAMPLES[CommandAccepted], REPLY_EXAMPLES[CommandRejected])),
     Ping: Ping(node_id=NODE_A, ping_id=17, sent_at=12345.678),
     Pong: Pong(node_id=NODE_B, ping_id=17, sent_at=12345.678),
 }

@@ -1,6 +1,6 @@
 """Control routes of the node's HTTP API.
 
-GET /health, GET /state (replicated State + this node's `diagnostics`), GET /nodes, GET /events (SSE of
+GET /health (503 with status "identity_clash" while the node is silenced by a clashing id), GET /state (replicated State + this node's `diagnostics`), GET /nodes, GET /events (SSE of
 indexed events, optionally replaying from `from_index`), POST /nodes/{node_id}/labels and
 DELETE /nodes/{node_id}/labels/{key} (commands submitted through the master; the answer is the master's:
 200 with the indices, 409 with its rejection reason, or 503 when no master answered before the deadline).
@@ -82,16 +82,19 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
             return _error(409, "command_rejected", reply.reason, command_id=reply.command_id)
         return JSONResponse(reply.model_dump(mode="json"))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
         diagnostics = node.diagnostics()
-        return {
-            "status": "ok",
+        clash = diagnostics["identity_clash"] is not None and diagnostics["role"] == "quarantined"
+        body = {
+            "status": "identity_clash" if clash else "ok",
             "node_id": diagnostics["node_id"],
             "role": diagnostics["role"],
             "master": diagnostics["master"],
             "last_index": node.state.last_index,
         }
+        # A node that found its id in use by another process stays silent: not healthy, and says why.
+        return JSONResponse(body, status_code=503 if clash else 200)
 
     @app.get("/state")
     async def state() -> dict[str, Any]:

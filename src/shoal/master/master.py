@@ -10,7 +10,11 @@ Invariants:
   most complete log among live nodes), so nothing placed before a master change is dropped;
 - a batch is validated against the state including the batch's own earlier events, persisted, broadcast,
   and only then answered;
-- a command id seen recently gets the same answer again (requesters retry while the master changes);
+- a command id seen recently gets the same answer again (requesters retry while the master changes); the
+  events a command produced carry its id, so a new master rebuilds these answers from its log's tail and
+  a command resent across a master change is not applied twice;
+- one round (everything that arrived while the last was written) is one log append, one broadcast frame
+  (EventBatch) and one reply frame per requesting node: costs per round, not per command;
 - a node silent for longer than `node_timeout_s` is declared NodeTimedOut once.
 """
 
@@ -36,6 +40,7 @@ from shoal.types import (
     CommandId,
     CommandRejected,
     Event,
+    EventBatch,
     EventIndex,
     EventRange,
     EventRangeRequest,
@@ -44,11 +49,12 @@ from shoal.types import (
     MasterElected,
     NodeId,
     NodeTimedOut,
+    ReplyBatch,
     State,
     Term,
     WireMessage,
 )
-from shoal.types.messages import MAX_EVENTS_PER_RANGE
+from shoal.types.messages import MAX_COMMANDS_PER_BATCH, MAX_EVENTS_PER_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ CommandReply = CommandAccepted | CommandRejected
 MAX_BATCH = 1_000
 INBOX_SIZE = 10_000
 REMEMBERED_REPLIES = 10_000
+# Log tail a new master reads back for the answers to recent commands (requesters give up after seconds).
+REBUILT_REPLIES_TAIL = 2_000
+EVENTS_PER_FRAME = 256  # bounds a broadcast frame (profiles are the largest events, ~2 KB each)
 
 
 class Outbox(Protocol):
@@ -86,10 +95,14 @@ class _Batch:
     def next_index(self) -> int:
         return self.state.last_index + 1
 
-    def add(self, events: list[Event]) -> None:
+    def add(self, events: list[Event], command_id: CommandId | None = None) -> None:
         for event in events:
             indexed = IndexedEvent(
-                index=EventIndex(self.next_index), term=Term(self.term), timestamp=time.time(), event=event
+                index=EventIndex(self.next_index),
+                term=Term(self.term),
+                timestamp=time.time(),
+                event=event,
+                command_id=command_id,
             )
             self.state = apply(self.state, indexed)
             self.events.append(indexed)
@@ -134,6 +147,7 @@ class Master:
 
     async def run(self, term: int) -> None:
         self.term = term
+        self._rebuild_replies()
         now = self._clock()
         # Nodes the state says are active get a full timeout from now to be heard by this master.
         self._last_heard = dict.fromkeys(self._replica.state.active_node_ids(), now)
@@ -155,6 +169,28 @@ class Master:
         finally:
             self._send.close()
             self._receive.close()
+
+    def _rebuild_replies(self) -> None:
+        """Answers to the commands in this node's log tail (a previous master accepted them)."""
+        last = self._replica.last_index
+        ranges: dict[CommandId, tuple[int, int]] = {}
+        for event in self._replica.read_range(max(1, last - REBUILT_REPLIES_TAIL + 1), last):
+            if event.command_id is not None:
+                first, _ = ranges.get(event.command_id, (event.index, event.index))
+                ranges[event.command_id] = (first, event.index)
+        for command_id, (first, last_of_command) in ranges.items():
+            self._remember(
+                CommandAccepted(
+                    command_id=command_id,
+                    first_index=EventIndex(first),
+                    last_index=EventIndex(last_of_command),
+                )
+            )
+
+    def _remember(self, reply: CommandReply) -> None:
+        self._replies[reply.command_id] = reply
+        while len(self._replies) > REMEMBERED_REPLIES:
+            self._replies.popitem(last=False)
 
     async def _receive_batch(self) -> list[MasterInput]:
         items: list[MasterInput] = []
@@ -180,15 +216,13 @@ class Master:
             reply = CommandRejected(command_id=envelope.command_id, reason=result.reason)
         else:
             first = batch.next_index
-            batch.add(result)
+            batch.add(result, envelope.command_id)
             reply = CommandAccepted(
                 command_id=envelope.command_id,
                 first_index=EventIndex(first),
                 last_index=EventIndex(batch.next_index - 1),
             )
-        self._replies[envelope.command_id] = reply
-        while len(self._replies) > REMEMBERED_REPLIES:
-            self._replies.popitem(last=False)
+        self._remember(reply)
         batch.replies.append((envelope.origin, reply))
 
     def _handle_heartbeat(self, batch: _Batch, heartbeat: Heartbeat) -> None:
@@ -215,7 +249,13 @@ class Master:
         """Persist, broadcast, then answer: a requester never hears of an event before it is durable."""
         if batch.events:
             self._replica.commit(batch.events)
-            for event in batch.events:
-                await self._outbox.broadcast(event)
+            for start in range(0, len(batch.events), EVENTS_PER_FRAME):
+                chunk = tuple(batch.events[start : start + EVENTS_PER_FRAME])
+                await self._outbox.broadcast(EventBatch(events=chunk))
+        by_origin: dict[NodeId, list[CommandReply]] = {}
         for origin, reply in batch.replies:
-            await self._outbox.send(origin, reply)
+            by_origin.setdefault(origin, []).append(reply)
+        for origin, replies in by_origin.items():
+            for start in range(0, len(replies), MAX_COMMANDS_PER_BATCH):
+                chunk_of_replies = tuple(replies[start : start + MAX_COMMANDS_PER_BATCH])
+                await self._outbox.send(origin, ReplyBatch(replies=chunk_of_replies))

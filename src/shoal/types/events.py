@@ -12,7 +12,7 @@ from pydantic import Field, TypeAdapter, model_validator
 
 from shoal.types._base import FrozenModel
 from shoal.types.commands import LabelKey, LabelValue
-from shoal.types.ids import EventIndex, NodeIdField, TermField
+from shoal.types.ids import CommandIdField, EventIndex, NodeIdField, TermField
 from shoal.types.profiles import NodeProfile
 
 
@@ -72,13 +72,16 @@ EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 class IndexedEvent(FrozenModel):
     """An event as the log holds it. `term` is the term of the master that wrote it; `timestamp` is the
-    master's wall clock (unix seconds) when it wrote it."""
+    master's wall clock (unix seconds) when it wrote it; `command_id` names the command it answers (None
+    for events the master wrote on its own), so a new master can rebuild its answers to recent commands
+    from its log and a command resent across a master change is not applied twice."""
 
     kind: Literal["indexed_event"] = "indexed_event"
     index: Annotated[EventIndex, Field(ge=1)]
     term: TermField
     timestamp: float
     event: Event
+    command_id: CommandIdField | None = None
 
 
 INDEXED_EVENT_ADAPTER: TypeAdapter[IndexedEvent] = TypeAdapter(IndexedEvent)

@@ -6,6 +6,7 @@ Encode with `encode_wire_message`; decode untrusted bytes with `decode_wire_mess
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, TypeAdapter, model_validator
@@ -18,6 +19,13 @@ from shoal.types.profiles import NodeProfile
 from shoal.types.replies import CommandAccepted, CommandRejected
 
 MAX_EVENTS_PER_RANGE = 10_000
+MAX_COMMANDS_PER_BATCH = 1_000
+
+
+def _check_contiguous(events: tuple[IndexedEvent, ...]) -> None:
+    for before, after in itertools.pairwise(events):
+        if after.index != before.index + 1:
+            raise ValueError(f"events are not contiguous: {before.index} then {after.index}")
 
 
 class Heartbeat(FrozenModel):
@@ -29,6 +37,8 @@ class Heartbeat(FrozenModel):
     last_index: EventIndexField
     force_master: bool
     is_master: bool
+    # False while the node backs off from the master role after it failed there (see shoal.election).
+    eligible: bool
     profile: NodeProfile
 
     @model_validator(mode="after")
@@ -63,10 +73,39 @@ class EventRange(FrozenModel):
 
     @model_validator(mode="after")
     def _check_contiguous(self) -> Self:
-        for before, after in zip(self.events, self.events[1:], strict=False):
-            if after.index != before.index + 1:
-                raise ValueError(f"event range is not contiguous: {before.index} then {after.index}")
+        _check_contiguous(self.events)
         return self
+
+
+class EventBatch(FrozenModel):
+    """The master's live broadcast: the contiguous events it wrote in one round (one frame, one append
+    on every replica, however many commands the round held)."""
+
+    kind: Literal["event_batch"] = "event_batch"
+    events: Annotated[tuple[IndexedEvent, ...], Field(min_length=1, max_length=MAX_EVENTS_PER_RANGE)]
+
+    @model_validator(mode="after")
+    def _check_contiguous(self) -> Self:
+        _check_contiguous(self.events)
+        return self
+
+
+class CommandBatch(FrozenModel):
+    """Commands one node sends the master together (those its API received while the last were in
+    flight); each keeps its own id and origin, and gets its own reply."""
+
+    kind: Literal["command_batch"] = "command_batch"
+    commands: Annotated[tuple[CommandEnvelope, ...], Field(min_length=1, max_length=MAX_COMMANDS_PER_BATCH)]
+
+
+class ReplyBatch(FrozenModel):
+    """The master's answers to one node's commands decided in one round."""
+
+    kind: Literal["reply_batch"] = "reply_batch"
+    replies: Annotated[
+        tuple[CommandAccepted | CommandRejected, ...],
+        Field(min_length=1, max_length=MAX_COMMANDS_PER_BATCH),
+    ]
 
 
 class Ping(FrozenModel):
@@ -87,15 +126,7 @@ class Pong(FrozenModel):
 
 
 WireMessage = Annotated[
-    Heartbeat
-    | EventRangeRequest
-    | EventRange
-    | IndexedEvent
-    | CommandEnvelope
-    | CommandAccepted
-    | CommandRejected
-    | Ping
-    | Pong,
+    Heartbeat | EventRangeRequest | EventRange | EventBatch | CommandBatch | ReplyBatch | Ping | Pong,
     Field(discriminator="kind"),
 ]
 WIRE_MESSAGE_ADAPTER: TypeAdapter[WireMessage] = TypeAdapter(WireMessage)
