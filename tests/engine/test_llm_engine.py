@@ -176,6 +176,10 @@ def test_bad_requests_are_rejected_without_disturbing_others(engine: LLMEngine) 
     with pytest.raises(InvalidRequestError) as bad_params:
         engine.add_request("bad-params", PROMPTS[1], {"temperature": -1})  # type: ignore[arg-type]
     assert "SamplingParams" in str(bad_params.value)
+    # generate is all or nothing: the good prompt queued before the bad one is withdrawn.
+    with pytest.raises(InvalidRequestError):
+        engine.generate([PROMPTS[1], ""], GREEDY)
+    assert engine.scheduler.num_unfinished == 1
     outputs: list[RequestOutput] = []
     while engine.has_unfinished():
         outputs.extend(engine.step())

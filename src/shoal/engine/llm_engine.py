@@ -20,7 +20,7 @@ import torch
 from shoal.engine.batch import ScheduledChunk
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import ModelConfig
-from shoal.engine.errors import ContextLengthExceededError, InvalidRequestError
+from shoal.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from shoal.engine.model_runner import DEFAULT_KV_CACHE_BYTES, ModelRunner
 from shoal.engine.output_processor import FINISH_ABORT, OutputProcessor, RequestOutput
 from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
@@ -135,6 +135,9 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.scheduler.num_unfinished:
+                # Every request fits the pool alone (add_request caps it), so this is a bookkeeping bug.
+                raise EngineDeadError(f"the scheduler stalled with {self.scheduler.num_unfinished} requests")
             return outputs
         self._mark_scheduled(chunks)
         logits = self.runner.execute(chunks)
@@ -153,8 +156,15 @@ class LLMEngine:
         if len(per_prompt) != len(prompts):
             raise InvalidRequestError("give one SamplingParams per prompt, or one for all", field="params")
         request_ids = [f"generate-{next(self._seq_ids)}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, p in zip(request_ids, prompts, per_prompt, strict=True):
-            self.add_request(request_id, prompt, p)
+        try:
+            for request_id, prompt, p in zip(request_ids, prompts, per_prompt, strict=True):
+                self.add_request(request_id, prompt, p)
+        except InvalidRequestError:
+            # All or nothing: withdraw the prompts queued before the bad one, without a trace.
+            for request_id in request_ids:
+                self.abort(request_id)
+            self._pending = [o for o in self._pending if o.request_id not in request_ids]
+            raise
         collected: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
         prompt_ids = {rid: tuple(self._processors[rid].seq.prompt_token_ids) for rid in request_ids}
         while any(not outs or not outs[-1].finished for outs in collected.values()):
