@@ -172,14 +172,18 @@ class ModelRunner:
             chunk = chunks[0]
             query_pos = torch.arange(chunk.start_pos, chunk.end_pos)
             mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, Tq, L)
-        elif min(lengths) != longest:
-            mask = (key_pos[None, :] < torch.tensor(lengths)[:, None])[:, None, None]  # (B, 1, 1, L)
+            return AttentionGroup(rows, gather.to(self.device), mask.to(self.device), False, 1)
+        if min(lengths) != longest:  # decode batch: additive mask hiding each sequence's padding
+            padding = key_pos[None, :] >= torch.tensor(lengths)[:, None]  # (B, L)
+            bias = torch.zeros(padding.shape, dtype=self.dtype).masked_fill_(padding, float("-inf"))
+            mask = bias[:, None, None]  # (B, 1, 1, L)
         return AttentionGroup(
             rows,
             gather.to(self.device),
             None if mask is None else mask.to(self.device),
             False,
             len(chunks),
+            decode=True,
         )
 
     def _check_chunk(self, chunk: ScheduledChunk) -> None:

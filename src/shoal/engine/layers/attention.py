@@ -9,7 +9,10 @@ into attention groups:
 - a chunk that starts mid-sequence gathers its whole context [0, end_pos) from the cache and masks
   causally with the offset;
 - all single-token (decode) queries of the step form one batch: their contexts are gathered padded to
-  the longest, one SDPA call with a length mask.
+  the longest and attended with two batched matmuls and an additive length mask. On CPU that is ~4x
+  faster than SDPA's flash kernel for one query per sequence (and matches HF's eager attention:
+  scores in the model dtype, softmax in fp32).
+Gathers use `index_select` on the flat cache: several times faster than advanced indexing on CPU.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from torch import nn
 class AttentionGroup:
     rows: slice | torch.Tensor  # the step's query rows this group covers
     gather: torch.Tensor | None  # (B, L) cache slots of each query's context; None: use fresh k/v
-    mask: torch.Tensor | None  # (B, 1, Tq, L) bool, True = attend; None: no masking needed
+    mask: torch.Tensor | None  # (B, 1, Tq, L) bool, True = attend; decode: additive (B, 1, 1, L); None: all
     causal: bool  # fresh-k/v prefill: causal mask from the top-left
     batch: int  # B; Tq = rows // B
+    decode: bool = False  # one query per sequence (Tq = 1): the matmul path
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,8 @@ class PagedAttention(nn.Module):
         self.num_heads = num_heads  # local
         self.num_kv_heads = num_kv_heads  # local
         self.head_dim = head_dim
+        self.group_size = num_heads // num_kv_heads  # query heads per kv head
+        self.scale = head_dim**-0.5
 
     def forward(
         self,
@@ -73,13 +79,15 @@ class PagedAttention(nn.Module):
         v_flat: torch.Tensor,
     ) -> torch.Tensor:  # (B, Tq, H, D)
         b = group.batch
+        if group.decode:
+            return self._decode(group, q, k_flat, v_flat)
         q_g = q[group.rows].view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, D)
         if group.gather is None:
             k_g = k[group.rows].view(b, -1, self.num_kv_heads, self.head_dim)  # (B, Tq, Hkv, D)
             v_g = v[group.rows].view(b, -1, self.num_kv_heads, self.head_dim)
         else:
-            k_g = k_flat[group.gather]  # (B, L, Hkv, D)
-            v_g = v_flat[group.gather]
+            k_g = self._gather(k_flat, group.gather)  # (B, L, Hkv, D)
+            v_g = self._gather(v_flat, group.gather)
         out = F.scaled_dot_product_attention(
             q_g,
             k_g.transpose(1, 2),  # (B, Hkv, L, D)
@@ -89,3 +97,25 @@ class PagedAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # (B, H, Tq, D)
         return out.transpose(1, 2)  # (B, Tq, H, D)
+
+    def _gather(self, flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(num_slots, Hkv, D) cache, (B, L) slots -> (B, L, Hkv, D)."""
+        return flat.index_select(0, slots.view(-1)).view(*slots.shape, self.num_kv_heads, self.head_dim)
+
+    def _decode(
+        self, group: AttentionGroup, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
+    ) -> torch.Tensor:  # (B, 1, H, D)
+        assert group.gather is not None
+        b = group.batch
+        # query head h reads kv head h // group_size, as in HF's repeat_kv
+        q_g = q[group.rows].view(b, self.num_kv_heads, self.group_size, self.head_dim) * self.scale
+        # a contiguous (B, Hkv, L, D) copy makes the batched matmul ~3x faster than a strided view
+        k_g = self._gather(k_flat, group.gather).transpose(1, 2).contiguous()  # (B, Hkv, L, D)
+        v_g = self._gather(v_flat, group.gather).transpose(1, 2)  # (B, Hkv, L, D)
+        scores = torch.matmul(q_g, k_g.transpose(-1, -2))  # (B, Hkv, G, L)
+        if group.mask is not None:
+            scores = scores + group.mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v_g).view(
+            b, 1, self.num_heads, self.head_dim
+        )  # (B, Hkv, G, D) = (B, 1, H, D)
