@@ -135,6 +135,7 @@ class Node:
         self._commands = CommandSender(node_id, settings.command_timeout_s, lambda: self._followed)
         self._drops = MessageDrops()
         self._backoff = RoleBackoff()
+        self._first_peer_heard_at: float | None = None
         self._spoke = False  # sent a frame yet: until then a heartbeat under our id proves a clash
         self.quarantined = False
         self.identity_clash: dict[str, Any] | None = None
@@ -219,15 +220,21 @@ class Node:
             log.info("node %s stopped", self.node_id)
 
     async def _listen_before_speaking(self, transport: Transport) -> None:
-        """Hear the cluster for `quiet_s` (from when the first peer connects, at most 3 x that in all)
-        before this node's first frame: long enough to hear a heartbeat under our own id, if any."""
+        """Hear the cluster before this node's first frame, long enough to hear a heartbeat under our own
+        id if another process has it: `quiet_s`, and while peers are connected, until a heartbeat from one
+        of them shows that frames reach us, plus one more heartbeat interval (at most 6 x `quiet_s`)."""
+        interval = self.settings.heartbeat_interval_s
         started = time.monotonic()
-        deadline = started + self.settings.quiet_s
-        connected = False
-        while not self.quarantined and time.monotonic() < deadline:
-            if not connected and transport.peers():
-                connected = True
-                deadline = min(time.monotonic() + self.settings.quiet_s, started + 3 * self.settings.quiet_s)
+        while not self.quarantined:
+            now = time.monotonic()
+            if now - started >= 6 * self.settings.quiet_s:
+                return
+            if now - started >= self.settings.quiet_s:
+                if not transport.peers():
+                    return  # alone: nobody to clash with
+                heard = self._first_peer_heard_at
+                if heard is not None and now - heard >= 1.5 * interval:
+                    return
             await anyio.sleep(0.05)
 
     async def _serve_api(self, server: uvicorn.Server, api_socket: socket.socket) -> None:
@@ -393,6 +400,8 @@ class Node:
             if sender == self.node_id and message.profile.started_at != self._profiles.started_at:
                 self._on_clash(message)
                 return
+            if sender != self.node_id and self._first_peer_heard_at is None:
+                self._first_peer_heard_at = now
         if self.quarantined:
             return
         if isinstance(message, Heartbeat):
