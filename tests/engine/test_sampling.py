@@ -96,6 +96,23 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert sample_many(probs.log(), SamplingParams(top_p=0.01)) == {0}
 
 
+def test_wide_top_p_nucleus_beyond_the_candidate_window_is_exact() -> None:
+    # 5000 nearly equal tokens: the 0.9 nucleus holds ~4500 of them, far more than the 1024 candidates.
+    logits = -torch.arange(5000, dtype=torch.float32).unsqueeze(0) * 1e-5
+    tokens = sample_many(logits, SamplingParams(top_p=0.9))
+    assert max(tokens) >= 1024 and max(tokens) < 4600
+
+
+def test_top_k_then_top_p_and_mixed_batch() -> None:
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    # top-k 3 renormalizes to 4/9, 3/9, 2/9: top-p 0.7 then keeps tokens 0 and 1 (4/9 < 0.7 <= 7/9).
+    assert sample_many(probs.log(), SamplingParams(top_k=3, top_p=0.7)) == {0, 1}
+    sampler = Sampler()
+    rows = [SamplingParams(top_k=1), SamplingParams(temperature=0), SamplingParams(min_p=0.9)]
+    results = sampler(probs.log().expand(3, -1).contiguous(), [make_seq(p) for p in rows])
+    assert [r.token_id for r in results] == [0, 0, 0]
+
+
 def test_min_p_drops_tokens_below_fraction_of_best() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     # threshold 0.25: tokens 0 and 1 survive.
