@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -57,7 +58,7 @@ def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
 
 
-def _invalid(error: ValidationError) -> JSONResponse:
+def _invalid(error: ValidationError | RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
     return _error(422, "invalid_request", problems)
 
@@ -69,6 +70,11 @@ def _sse(event: IndexedEvent) -> bytes:
 
 def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
     app = FastAPI(title="shoal node", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        # the same error shape as every other answer, not FastAPI's {"detail": [...]}
+        return _invalid(error)
 
     async def answer(command: Command) -> JSONResponse:
         reply = await node.submit(command)
