@@ -204,3 +204,41 @@ def test_gguf_missing_tensor(tmp_path: Path) -> None:
     path = write_tiny_gguf(tmp_path / "partial.gguf", hf_model, skip=("model.layers.0.mlp.up_proj.weight",))
     with pytest.raises(ModelLoadError, match="missing tensors"):
         load_model(path)
+
+
+# --- config ------------------------------------------------------------------------------------------------
+
+
+def test_config_reads_every_eos_id_rope_scaling_and_sliding_window(tmp_path: Path) -> None:
+    from shoal.engine.config import ModelConfig
+
+    write_tiny_model(tmp_path / "llama", "llama")
+    generation = json.loads((tmp_path / "llama" / "generation_config.json").read_text())
+    generation["eos_token_id"] = [2, 7]
+    (tmp_path / "llama" / "generation_config.json").write_text(json.dumps(generation))
+    config = ModelConfig.from_hf_dir(tmp_path / "llama")
+    assert config.eos_token_ids == (2, 3, 7)  # config.json's list plus generation_config's extra id
+    assert config.rope_scaling is not None and config.rope_scaling.kind == "llama3"
+    assert config.rope_scaling.factor == 8.0 and config.rope_theta == 500000.0
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
+
+    write_tiny_model(tmp_path / "mistral", "mistral", sliding_window=64)
+    assert ModelConfig.from_hf_dir(tmp_path / "mistral").max_position_embeddings == 64
+
+    write_tiny_model(tmp_path / "qwen3", "qwen3")
+    qwen3 = ModelConfig.from_hf_dir(tmp_path / "qwen3")
+    assert qwen3.qk_norm and qwen3.tie_word_embeddings and qwen3.head_dim == 32 and not qwen3.attention_bias
+
+
+def test_pre_quantized_and_unsupported_activation_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    for field, value, message in [
+        ("quantization_config", {"quant_method": "gptq"}, "gptq"),
+        ("hidden_act", "gelu", "gelu"),
+    ]:
+        folder = tmp_path / field
+        shutil.copytree(tiny_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config[field] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UnsupportedModelError, match=message):
+            open_source(folder)

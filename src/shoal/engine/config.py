@@ -99,6 +99,12 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported model architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        activation = config.get("hidden_act", "silu")
+        if activation != "silu" or config.get("mlp_bias"):
+            raise UnsupportedModelError(
+                f"{architecture} with hidden_act={activation!r}, mlp_bias={config.get('mlp_bias')!r} is not "
+                "supported (only silu without MLP bias)"
+            )
         try:
             num_heads = int(config["num_attention_heads"])
             hidden_size = int(config["hidden_size"])
