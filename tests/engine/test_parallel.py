@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,3 +147,54 @@ def test_runner_checks_communicator_against_shard(tmp_path: Path) -> None:
         make_runner(tmp_path, shard=ShardSpec(tp_rank=0, tp_size=2))
     with pytest.raises(ValueError, match="does not match"):
         make_runner(tmp_path, shard=ShardSpec(tp_rank=1, tp_size=2), communicator=SingleProcessCommunicator())
+
+
+def test_torch_distributed_communicator_sums_in_place(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from shoal.engine.parallel import TorchDistributedCommunicator
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        TorchDistributedCommunicator()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        comm = TorchDistributedCommunicator()
+        assert (comm.rank, comm.world_size) == (0, 1)
+        tensor = torch.tensor([1.0, 2.0])
+        assert comm.all_reduce(tensor) is tensor
+        torch.testing.assert_close(tensor, torch.tensor([1.0, 2.0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_rank_main(rank: int, path: str, store: str, out: str) -> None:
+    """One tensor-parallel rank in its own process (gloo over a file store); saves its logits."""
+    import torch.distributed as dist
+
+    from shoal.engine.parallel import TorchDistributedCommunicator
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        runner = make_runner(
+            Path(path), shard=ShardSpec(tp_rank=rank, tp_size=2), communicator=TorchDistributedCommunicator()
+        )
+        torch.save(run_steps(runner.execute), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_across_two_processes_with_gloo(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    write_tiny_model(tmp_path / "model", "qwen2")
+    expected = run_steps(make_runner(tmp_path / "model").execute)
+    args = (str(tmp_path / "model"), str(tmp_path / "store"), str(tmp_path / "logits"))
+    context = mp.spawn(_tp_rank_main, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "tensor-parallel ranks did not finish"
+    for rank in range(2):
+        for got, want in zip(torch.load(tmp_path / f"logits.{rank}"), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
