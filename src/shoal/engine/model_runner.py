@@ -87,7 +87,10 @@ class ModelRunner:
     def execute(
         self, chunks: Sequence[ScheduledChunk], hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One step. Returns (num sampled chunks, vocab) fp32 logits on the last stage, else (T, hidden)."""
+        """One step. Returns (num sampled chunks, vocab) fp32 logits on the last stage, else (T, hidden).
+
+        The result is an inference-mode tensor: read it, or modify it only inside `torch.inference_mode()`.
+        """
         token_ids, positions, meta = self._prepare(chunks)
         if self.model.is_first_stage:
             inputs = token_ids
