@@ -12,7 +12,7 @@ import pytest
 
 from shoal.local_cluster import LocalCluster, LocalNode
 
-STARTUP_S = 30.0
+STARTUP_S = 60.0  # process start (imports) on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
