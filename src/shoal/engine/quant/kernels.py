@@ -50,7 +50,7 @@ class Int8Kernel:
         in_dtype = x.dtype
         if in_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # the fused kernels read rows densely
         if self.fused and x2.shape[0] <= self.small_m:
             y = torch._weight_int8pack_mm(x2, self.codes, self.scales)
         else:  # exact: int8 codes fit bf16's mantissa, and the per-row scale commutes with the product
@@ -108,7 +108,7 @@ class Int4Kernel:
         in_dtype = x.dtype
         if in_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # the fused kernels read rows densely
         if x2.shape[0] > self.small_m:
             y = F.linear(x2, self.dequantize())
         elif self.device.type == "cuda":
