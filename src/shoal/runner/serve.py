@@ -1,0 +1,197 @@
+"""The runner process's life: `serve(spec, conn, faults) -> exit code`.
+
+Inputs: a RunnerSpec, the duplex connection to the supervisor (tasks and cancels arrive at rank 0; a stop
+request may arrive at any rank), and test-only faults. Outputs on the connection: a status report at
+every stage (Connecting, Connected, Loading, Loaded, WarmingUp, Ready/Running, ShuttingDown, Shutdown, or
+Failed with the reason) and, once per step, the sampling rank's chunks keyed by task id.
+
+Each step, on every rank: rank 0's delta since the last step (admissions and cancellations, in arrival
+order) reaches all ranks in one exchange that also carries any rank's wish to stop; every rank applies it
+in the same order and runs the same engine step (see stage.py). Idle, rank 0 still exchanges an empty delta
+every `heartbeat_s`, so an idle group never hits its collective timeout and a stop is seen promptly.
+A request that fails alone (bad prompt, too long) is a chunk error; anything else ends the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import time
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from shoal.engine.errors import InvalidRequestError, ShoalError
+from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.output_processor import RequestOutput
+from shoal.engine.sampling import SamplingParams
+from shoal.engine.tokenizer import Tokenizer
+from shoal.runner.group import StepChannel, start_group, stop_group
+from shoal.runner.link import SupervisorLink
+from shoal.runner.messages import CancelTask, SubmitTask, TaskChunk, TaskPrompt
+from shoal.runner.spec import RunnerFaults, RunnerSpec, StallStage
+from shoal.runner.stage import build_engine, warm_up
+from shoal.types.instance_ids import TaskId
+from shoal.types.runners import (
+    RunnerConnected,
+    RunnerConnecting,
+    RunnerFailed,
+    RunnerLoaded,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerShutdown,
+    RunnerShuttingDown,
+    RunnerWarmingUp,
+)
+
+MAX_REASON = 2000
+# One op of a step's delta: ["add", task_id, prompt token ids, sampling params] or ["abort", task_id].
+Op = list[Any]
+
+
+def serve(spec: RunnerSpec, conn: Connection, faults: RunnerFaults) -> int:
+    link = SupervisorLink(conn)
+    link.start()
+    try:
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        link.report(RunnerConnecting())
+        _maybe_stall(faults, "connecting")
+        start_group(spec)
+        link.report(RunnerConnected())
+        link.report(RunnerLoading(layers_done=0, layers_total=spec.layer_end - spec.layer_start))
+        _maybe_stall(faults, "loading")
+        channel = StepChannel(spec)
+        engine = build_engine(spec, channel)
+        link.report(RunnerLoaded())
+        link.report(RunnerWarmingUp())
+        _maybe_stall(faults, "warming_up")
+        warm_up(engine)
+        link.report(RunnerReady())
+        StepLoop(spec, engine, channel, link).run()
+        link.report(RunnerShuttingDown())
+        stop_group()
+        link.report(RunnerShutdown())
+        return 0
+    except Exception as exc:  # the top of the process: every failure becomes the Failed reason
+        reason = f"rank {spec.rank}: {type(exc).__name__}: {exc}"
+        link.report(RunnerFailed(reason=reason[:MAX_REASON]))
+        return 1
+
+
+def _maybe_stall(faults: RunnerFaults, stage: StallStage) -> None:
+    if faults.stall_stage == stage:
+        while True:  # hang like a stuck load would; only the supervisor's deadline ends this process
+            time.sleep(3600)
+
+
+class StepLoop:
+    def __init__(
+        self, spec: RunnerSpec, engine: LLMEngine, channel: StepChannel, link: SupervisorLink
+    ) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.channel = channel
+        self.link = link
+        self.active: set[str] = set()
+        # Chunks only this rank can send this step (rank 0's per-request errors).
+        self.errors: list[TaskChunk] = []
+
+    def run(self) -> None:
+        while True:
+            ops = self._collect()
+            payload = json.dumps(ops).encode() if ops else b""
+            payload, stop = self.channel.exchange(payload, self.link.stop_requested.is_set())
+            if stop:
+                return
+            self._apply(json.loads(payload) if payload else [])
+            outputs = self.engine.step() if self.engine.has_unfinished() else []
+            self._publish(outputs)
+
+    def _collect(self) -> list[Op]:
+        """Drain the inbox; rank 0 turns tasks into ops. Idle, wait up to one heartbeat for the first."""
+        ops: list[Op] = []
+        wait = self.spec.rank == 0 and not self.engine.has_unfinished()
+        while True:
+            try:
+                message = (
+                    self.link.inbox.get(timeout=self.spec.heartbeat_s)
+                    if wait
+                    else self.link.inbox.get_nowait()
+                )
+            except queue.Empty:
+                return ops
+            wait = False
+            if isinstance(message, SubmitTask | CancelTask) and self.spec.rank != 0:
+                self.errors.append(
+                    TaskChunk(message.task_id, error=f"rank {self.spec.rank} takes no tasks: send to rank 0")
+                )
+            elif isinstance(message, SubmitTask):
+                op = self._admission(message)
+                if op is not None:
+                    ops.append(op)
+            elif isinstance(message, CancelTask):
+                ops.append(["abort", message.task_id])
+
+    def _admission(self, task: SubmitTask) -> Op | None:
+        try:
+            token_ids = prompt_token_ids(self.engine.tokenizer, task.prompt)
+            params = dataclasses.asdict(task.params)
+        except (ShoalError, TypeError, ValueError) as exc:
+            self.errors.append(TaskChunk(task.task_id, error=str(exc)))
+            return None
+        return ["add", task.task_id, token_ids, params]
+
+    def _apply(self, ops: list[Op]) -> None:
+        for op in ops:
+            if op[0] == "add":
+                _, task_id, token_ids, params = op
+                try:
+                    self.engine.add_request(task_id, token_ids, SamplingParams(**params))
+                except InvalidRequestError as exc:  # the same on every rank, so every rank skips it
+                    if self.spec.rank == 0:
+                        self.errors.append(TaskChunk(task_id, error=str(exc)))
+                    continue
+                self.active.add(task_id)
+            else:
+                self.engine.abort(op[1])
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        chunks, self.errors = self.errors, []
+        for output in outputs:
+            if output.request_id not in self.active:
+                continue  # the warm-up's own request
+            if output.finished:
+                self.active.discard(output.request_id)
+            if self.spec.is_sampling_rank:
+                chunks.append(_chunk(output))
+        self.link.send_chunks(chunks)
+        num_tasks = len(self.active)
+        self.link.report(RunnerRunning(num_tasks=num_tasks) if num_tasks else RunnerReady())
+
+
+def prompt_token_ids(tokenizer: Tokenizer, prompt: TaskPrompt) -> list[int]:
+    """Text is encoded, chat messages rendered with the model's template; token ids pass through to the
+    engine, which checks them against the vocabulary."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt) if prompt else []
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        return tokenizer.apply_chat_template([m for m in prompt if isinstance(m, Mapping)])
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt if isinstance(t, int)]
+    raise InvalidRequestError("prompt must be text, token ids or chat messages", field="prompt")
+
+
+def _chunk(output: RequestOutput) -> TaskChunk:
+    return TaskChunk(
+        task_id=TaskId(output.request_id),
+        text=output.text,
+        token_ids=output.token_ids,
+        logprobs=output.logprobs,
+        finish_reason=output.finish_reason,
+        stats=output.stats,
+    )

@@ -1,0 +1,126 @@
+"""One rank's engine: the engine's own LLMEngine (scheduler, block manager, sampler, output processing),
+composed with a model runner that passes activations between pipeline stages and a sampler that shares
+the sampling rank's tokens with every rank.
+
+Invariant: every rank holds an identical LLMEngine state after each step. The inputs are the same (the
+delta rank 0 broadcasts, applied in the same order), the scheduler is deterministic, the KV pool has the
+same number of blocks everywhere (the minimum over the ranks), and the tokens are the sampling rank's.
+Finish decisions (EOS, stop strings, length) follow from the tokens, so each rank reaches them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shoal.engine.batch import ScheduledChunk
+from shoal.engine.config import ModelConfig
+from shoal.engine.llm_engine import EngineConfig, LLMEngine
+from shoal.engine.model_runner import ModelRunner
+from shoal.engine.parallel import Communicator, ShardSpec, TorchDistributedCommunicator
+from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
+from shoal.engine.sequence import Sequence as Seq
+from shoal.engine.tokenizer import load_tokenizer
+from shoal.runner.group import StepChannel
+from shoal.runner.spec import RunnerSpec
+
+WARM_UP_PARAMS = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+
+class DistributedStage:
+    """The engine's `Runner` for one rank: receives the previous stage's hidden states, runs its layers,
+    and hands its hidden states to the next stage. Only the last stage returns logits; the others return
+    an empty (num sampled, 0) tensor, since their tokens come from the sampling rank."""
+
+    def __init__(self, runner: ModelRunner, channel: StepChannel, num_kv_blocks: int) -> None:
+        self.model_runner = runner
+        self.channel = channel
+        self.config: ModelConfig = runner.config
+        self.block_size = runner.block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.max_model_len = runner.max_model_len
+        self.max_num_batched_tokens = runner.max_num_batched_tokens
+
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        runner = self.model_runner
+        hidden: torch.Tensor | None = None
+        if not runner.model.is_first_stage:
+            num_tokens = sum(len(chunk.token_ids) for chunk in chunks)
+            hidden = self.channel.recv_hidden((num_tokens, self.config.hidden_size), runner.dtype)
+        output = runner.execute(chunks, hidden)
+        if runner.is_last_stage:
+            return output
+        self.channel.send_hidden(output)
+        return torch.empty((sum(chunk.sample for chunk in chunks), 0))
+
+
+class BroadcastSampler(Sampler):
+    """Samples on the sampling rank only; every rank returns the same token ids.
+
+    Logprobs exist only on the sampling rank, which is the only one whose outputs leave the process."""
+
+    def __init__(self, channel: StepChannel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def __call__(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> list[SampleResult]:
+        if self.channel.rank == self.channel.sampling_rank:
+            results = super().__call__(logits, seqs)
+            self.channel.broadcast_tokens([r.token_id for r in results], len(seqs))
+            return results
+        token_ids = self.channel.broadcast_tokens(None, len(seqs))
+        return [SampleResult(token_id=token_id) for token_id in token_ids]
+
+
+class ModelMismatchError(RuntimeError):
+    """The ranks of one instance loaded models or limits that do not fit together."""
+
+
+def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
+    """Load this rank's shard and tokenizer, agree with the other ranks, and compose the engine."""
+    tokenizer = load_tokenizer(
+        Path(spec.model_path),
+        cache_dir=Path(spec.tokenizer_cache_dir) if spec.tokenizer_cache_dir else None,
+    )
+    communicator: Communicator | None = TorchDistributedCommunicator() if spec.tp_size > 1 else None
+    runner = ModelRunner(
+        spec.model_path,
+        shard=ShardSpec(spec.tp_rank, spec.tp_size, spec.layer_start, spec.layer_end),
+        device=spec.device,
+        dtype=getattr(torch, spec.dtype),
+        kv_cache_bytes=spec.kv_cache_bytes,
+        block_size=spec.block_size,
+        communicator=communicator,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_model_len=spec.max_model_len,
+    )
+    config = runner.config
+    shape = [
+        config.num_layers,
+        config.vocab_size,
+        config.hidden_size,
+        runner.max_model_len,
+        runner.block_size,
+        runner.max_num_batched_tokens,
+    ]
+    lowest, highest = channel.min_across_ranks(shape), channel.max_across_ranks(shape)
+    if lowest != highest:
+        names = ("layers", "vocabulary", "hidden size", "max_model_len", "block size", "step token budget")
+        differ = [f"{n} {lo}..{hi}" for n, lo, hi in zip(names, lowest, highest, strict=True) if lo != hi]
+        raise ModelMismatchError(f"the ranks loaded models that differ: {', '.join(differ)}")
+    (num_kv_blocks,) = channel.min_across_ranks([runner.num_kv_blocks])
+    stage = DistributedStage(runner, channel, num_kv_blocks)
+    engine = LLMEngine(
+        stage,
+        tokenizer,
+        EngineConfig(max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs),
+    )
+    engine.sampler = BroadcastSampler(channel)
+    return engine
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """One short greedy generation through every rank: exercises each layer and every collective."""
+    engine.generate([[0]], WARM_UP_PARAMS)

@@ -1,0 +1,114 @@
+"""Runner processes of one instance, over real gloo on 127.0.0.1, give what one process gives."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from shoal.engine.sampling import SamplingParams
+from shoal.runner.spec import RunnerSpec
+from shoal.types.runners import RunnerFailed, RunnerShutdown, is_terminal
+from shoal.worker.supervisor import RunnerSupervisor
+from tests.runner.harness import collect, instance_specs, reference, start_instance, task, tokens_of, wait_for
+from tests.runner.tiny_model_dir import write_tiny_model_dir
+
+PROMPTS = ["hello world", [5, 17, 200, 33, 4, 99, 150, 7, 8], "a much longer prompt, prefilled in one go"]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=2)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+async def run_prompts(supervisor: RunnerSupervisor, rank0: RunnerSpec) -> list[list]:
+    """All prompts at once (one batch, so admissions and steps interleave across the ranks)."""
+    results: list[list] = [[] for _ in PROMPTS]
+
+    async def one(index: int) -> None:
+        results[index] = await collect(supervisor, rank0.runner_id, task(f"t{index}", PROMPTS[index], GREEDY))
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(PROMPTS)):
+            group.start_soon(one, index)
+    return results
+
+
+@pytest.mark.parametrize(("world_size", "splits"), [(2, (1,)), (3, (1, 2))])
+async def test_pipeline_gives_the_tokens_and_logprobs_of_one_process(
+    tmp_path: Path, world_size: int, splits: tuple[int, ...]
+) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    expected = reference(model, PROMPTS, GREEDY)
+    specs = instance_specs(model, "pipeline", world_size, splits=splits)
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs)
+        results = await run_prompts(supervisor, specs[0])
+        for chunks, want in zip(results, expected, strict=True):
+            assert [c.error for c in chunks] == [None] * len(chunks)
+            assert tokens_of(chunks) == list(want.token_ids)
+            assert chunks[-1].finish_reason == "length"
+            assert "".join(c.text for c in chunks) == want.text
+            got_logprobs = [lp for c in chunks for lp in c.logprobs or ()]
+            assert want.logprobs is not None
+            for got, ref in zip(got_logprobs, want.logprobs, strict=True):
+                assert got.token_id == ref.token_id
+                assert got.logprob == pytest.approx(ref.logprob, abs=1e-5)
+                assert [t.token_id for t in got.top_logprobs] == [t.token_id for t in ref.top_logprobs]
+        # A stop asked of the last rank alone stops the whole group cleanly.
+        await supervisor.shutdown(specs[-1].runner_id)
+        await wait_for(
+            lambda: all(is_terminal(supervisor.status(s.runner_id)) for s in specs), 20, "every rank to stop"
+        )
+        assert all(supervisor.status(s.runner_id) == RunnerShutdown() for s in specs)
+
+
+async def test_tensor_parallel_gives_the_tokens_of_one_process(tmp_path: Path) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "qwen2")
+    expected = reference(model, PROMPTS, GREEDY)
+    specs = instance_specs(model, "tensor", 2)
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs)
+        results = await run_prompts(supervisor, specs[0])
+    for chunks, want in zip(results, expected, strict=True):
+        assert tokens_of(chunks) == list(want.token_ids)
+        got_logprobs = [lp.logprob for c in chunks for lp in c.logprobs or ()]
+        assert want.logprobs is not None
+        assert got_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    # Leaving the supervisor stopped both ranks cleanly.
+    assert [r.status for r in supervisor.runners()] == [RunnerShutdown(), RunnerShutdown()]
+
+
+async def test_a_rank_with_another_world_size_fails_the_group_start(tmp_path: Path) -> None:
+    """Rank 0 expects 2 ranks, rank 1 claims 3: both fail with a reason; neither serves alone."""
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    rank0, _ = instance_specs(model, "pipeline", 2, splits=(1,), group_timeout_s=4.0)
+    wrong = instance_specs(model, "pipeline", 3, splits=(1, 2), group_timeout_s=4.0)[1]
+    wrong = wrong.model_copy(update={"rendezvous": rank0.rendezvous, "runner_id": "inst-r1"})
+    started = time.monotonic()
+    async with RunnerSupervisor() as supervisor:
+        await supervisor.spawn(rank0)
+        await supervisor.spawn(wrong)
+        both = (rank0.runner_id, wrong.runner_id)
+        await wait_for(lambda: all(is_terminal(supervisor.status(r)) for r in both), 40, "both ranks to fail")
+        first, second = (supervisor.status(r) for r in both)
+    assert isinstance(first, RunnerFailed) and isinstance(second, RunnerFailed)
+    assert "rank 1 joined as pipeline instance inst with world size 3" in first.reason
+    assert "expects pipeline instance inst with world size 2" in first.reason
+    # Rank 1 sees the mismatch itself, or loses the rendezvous when rank 0 leaves first: never a hang.
+    assert (
+        "rank 0 joined as pipeline instance inst with world size 2" in second.reason
+        or "rank 0 of 3 did not join the group of instance inst" in second.reason
+    ), second.reason
+    assert time.monotonic() - started < 40
+
+
+async def test_a_missing_peer_fails_at_connect_within_the_group_timeout(tmp_path: Path) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    _, rank1 = instance_specs(model, "pipeline", 2, splits=(1,), group_timeout_s=3.0)
+    async with RunnerSupervisor() as supervisor:
+        await supervisor.spawn(rank1)  # rank 0, which hosts the rendezvous, never comes
+        await wait_for(lambda: is_terminal(supervisor.status(rank1.runner_id)), 40, "rank 1 to fail")
+        status = supervisor.status(rank1.runner_id)
+    assert isinstance(status, RunnerFailed)
+    assert "rank 1 could not reach rank 0's rendezvous at 127.0.0.1:" in status.reason

@@ -1,0 +1,103 @@
+"""The runner supervisor with real runner processes: cancels, bad requests, a SIGKILL mid-stream, stage
+deadlines, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from shoal.engine.sampling import SamplingParams
+from shoal.runner.messages import TaskChunk
+from shoal.runner.spec import STALL_STAGE_ENV
+from shoal.types.instance_ids import TaskId
+from shoal.types.runners import RunnerFailed, RunnerLoading, is_terminal
+from shoal.worker.plan import StageDeadlines
+from shoal.worker.supervisor import RunnerSupervisor, SupervisorConfig, SupervisorError
+from tests.runner.harness import instance_specs, reference, start_instance, task, tokens_of, wait_for
+from tests.runner.tiny_model_dir import write_tiny_model_dir
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+ENDLESS = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
+
+
+async def test_pipeline_cancel_bad_request_and_sigkill_mid_stream(tmp_path: Path) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "llama", max_position_embeddings=1024)
+    prompts = ["first prompt", "second prompt", "third prompt"]
+    specs = instance_specs(model, "pipeline", 2, splits=(2,), kv_cache_bytes=8 << 20)
+    rank0, rank1 = specs
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs)
+        expected = reference(model, prompts, LONG)
+
+        # Cancel one of three: it ends with "abort", the other two give exactly their unbatched tokens.
+        streams = [supervisor.submit(rank0.runner_id, task(f"c{i}", p, LONG)) for i, p in enumerate(prompts)]
+        results: list[list[TaskChunk]] = [[], [], []]
+
+        async def drain(index: int) -> None:
+            with anyio.fail_after(60):
+                async for chunk in streams[index]:
+                    results[index].append(chunk)
+                    if index == 1 and len(results[1]) == 2:
+                        assert supervisor.cancel(TaskId("c1"))
+
+        async with anyio.create_task_group() as group:
+            for index in range(3):
+                group.start_soon(drain, index)
+        assert results[1][-1].finish_reason == "abort" and len(tokens_of(results[1])) < LONG.max_tokens
+        for index in (0, 2):
+            assert tokens_of(results[index]) == list(expected[index].token_ids)
+        assert not supervisor.cancel(TaskId("c1"))  # finished tasks are unknown
+
+        # A bad request is an error chunk for that request alone; the runner keeps serving.
+        bad = [c async for c in supervisor.submit(rank0.runner_id, task("bad", [1, 2, 999], LONG))]
+        assert len(bad) == 1 and bad[0].error is not None and "[0, 256)" in bad[0].error
+        with pytest.raises(SupervisorError, match="rank 1: tasks go to rank 0"):
+            supervisor.submit(rank1.runner_id, task("x", "hi", LONG))
+
+        # SIGKILL the sampling rank while it streams: the request errors at once, both ranks end.
+        stream = supervisor.submit(rank0.runner_id, task("doomed", "stream for a long time", ENDLESS))
+        chunks = [await anext(stream)]
+        pid = supervisor._runners[rank1.runner_id].process.pid
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with anyio.fail_after(2):
+            async for chunk in stream:
+                chunks.append(chunk)
+        assert time.monotonic() - killed_at < 2
+        assert chunks[-1].error is not None and "killed by SIGKILL" in chunks[-1].error
+        assert all(c.error is None for c in chunks[:-1])
+        status = supervisor.status(rank1.runner_id)
+        assert isinstance(status, RunnerFailed) and "killed by SIGKILL while running" in status.reason
+        # Rank 0 loses its peer in the next collective and fails too, with its own reason.
+        await wait_for(lambda: is_terminal(supervisor.status(rank0.runner_id)), 10, "rank 0 to end")
+        assert isinstance(supervisor.status(rank0.runner_id), RunnerFailed)
+        with pytest.raises(SupervisorError, match="not serving"):
+            supervisor.submit(rank0.runner_id, task("late", "hi", LONG))
+    processes = [supervisor._runners[s.runner_id].process for s in specs]
+    assert all(p.returncode is not None for p in processes)  # reaped, not zombies
+
+
+async def test_a_runner_stuck_in_loading_fails_at_its_deadline(tmp_path: Path) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    (spec,) = instance_specs(model, "pipeline", 1)
+    config = SupervisorConfig(deadlines=StageDeadlines(loading=1.5), runner_env={STALL_STAGE_ENV: "loading"})
+    async with RunnerSupervisor(config) as supervisor:
+        await supervisor.spawn(spec)
+        await wait_for(lambda: isinstance(supervisor.status(spec.runner_id), RunnerLoading), 60, "loading")
+        entered = time.monotonic()
+        await wait_for(lambda: is_terminal(supervisor.status(spec.runner_id)), 10, "the deadline")
+        elapsed = time.monotonic() - entered
+        status = supervisor.status(spec.runner_id)
+        (local,) = supervisor.runners()
+        process = supervisor._runners[spec.runner_id].process
+    assert 1.2 < elapsed < 4
+    assert isinstance(status, RunnerFailed)
+    assert status.reason == "loading did not finish within its deadline of 1.5 s (0 of 3 layers loaded)"
+    assert local.status == status and process.returncode == -signal.SIGKILL
