@@ -84,20 +84,35 @@ async def test_pipeline_cancel_bad_request_and_sigkill_mid_stream(tmp_path: Path
     assert all(p.returncode is not None for p in processes)  # reaped, not zombies
 
 
-async def test_a_runner_stuck_in_loading_fails_at_its_deadline(tmp_path: Path) -> None:
+async def test_stuck_runners_fail_at_their_stage_deadlines(tmp_path: Path) -> None:
+    """Both runners hang on entering loading. One overruns the loading deadline; the other is asked to
+    shut down, cannot, and is killed at the shutting-down deadline. Both are reaped."""
     model = write_tiny_model_dir(tmp_path / "model", "llama")
-    (spec,) = instance_specs(model, "pipeline", 1)
-    config = SupervisorConfig(deadlines=StageDeadlines(loading=1.5), runner_env={STALL_STAGE_ENV: "loading"})
+    (stuck,) = instance_specs(model, "pipeline", 1, instance="stuck")
+    (stopped,) = instance_specs(model, "pipeline", 1, instance="stopped")
+    config = SupervisorConfig(
+        deadlines=StageDeadlines(loading=1.5, shutting_down=1.0), runner_env={STALL_STAGE_ENV: "loading"}
+    )
     async with RunnerSupervisor(config) as supervisor:
-        await supervisor.spawn(spec)
-        await wait_for(lambda: isinstance(supervisor.status(spec.runner_id), RunnerLoading), 60, "loading")
-        entered = time.monotonic()
-        await wait_for(lambda: is_terminal(supervisor.status(spec.runner_id)), 10, "the deadline")
-        elapsed = time.monotonic() - entered
-        status = supervisor.status(spec.runner_id)
-        (local,) = supervisor.runners()
-        process = supervisor._runners[spec.runner_id].process
-    assert 1.2 < elapsed < 4
-    assert isinstance(status, RunnerFailed)
-    assert status.reason == "loading did not finish within its deadline of 1.5 s (0 of 3 layers loaded)"
-    assert local.status == status and process.returncode == -signal.SIGKILL
+        await supervisor.spawn(stuck)
+        await supervisor.spawn(stopped)
+        ids = (stuck.runner_id, stopped.runner_id)
+        await wait_for(
+            lambda: all(isinstance(supervisor.status(r), RunnerLoading) for r in ids), 60, "both loading"
+        )
+        loading_since = {runner.runner_id: runner.status_since for runner in supervisor.runners()}
+        asked = time.monotonic()
+        with anyio.fail_after(10):
+            stop_status = await supervisor.shutdown(stopped.runner_id)
+        stop_elapsed = time.monotonic() - asked
+        await wait_for(lambda: is_terminal(supervisor.status(stuck.runner_id)), 10, "the loading deadline")
+        load_elapsed = time.monotonic() - loading_since[stuck.runner_id]
+        load_status = supervisor.status(stuck.runner_id)
+        local = {runner.runner_id: runner.status for runner in supervisor.runners()}
+        processes = [supervisor._runners[r].process for r in ids]
+    assert 1.5 <= load_elapsed < 4 and 1.0 <= stop_elapsed < 3
+    assert isinstance(load_status, RunnerFailed)
+    assert load_status.reason == "loading did not finish within its deadline of 1.5 s (0 of 3 layers loaded)"
+    assert stop_status == RunnerFailed(reason="shutdown did not finish within its deadline of 1 s")
+    assert local == {stuck.runner_id: load_status, stopped.runner_id: stop_status}
+    assert [p.returncode for p in processes] == [-signal.SIGKILL, -signal.SIGKILL]

@@ -53,34 +53,49 @@ MAX_REASON = 2000
 Op = list[Any]
 
 
+class _StopBeforeServing(Exception):
+    """A stop request that arrived while the runner was still starting."""
+
+
 def serve(spec: RunnerSpec, conn: Connection, faults: RunnerFaults) -> int:
     link = SupervisorLink(conn)
     link.start()
+
+    def enter(stage: StallStage | None) -> None:
+        if link.stop_requested.is_set():
+            raise _StopBeforeServing
+        if stage is not None:
+            _maybe_stall(faults, stage)
+
     try:
         if spec.num_threads is not None:
             torch.set_num_threads(spec.num_threads)
         link.report(RunnerConnecting())
-        _maybe_stall(faults, "connecting")
+        enter("connecting")
         start_group(spec)
         link.report(RunnerConnected())
         link.report(RunnerLoading(layers_done=0, layers_total=spec.layer_end - spec.layer_start))
-        _maybe_stall(faults, "loading")
+        enter("loading")
         channel = StepChannel(spec)
         engine = build_engine(spec, channel)
         link.report(RunnerLoaded())
         link.report(RunnerWarmingUp())
-        _maybe_stall(faults, "warming_up")
+        enter("warming_up")
         warm_up(engine)
         link.report(RunnerReady())
+        # From here on a stop is agreed by the whole group, in the step loop's exchange.
         StepLoop(spec, engine, channel, link).run()
+    except _StopBeforeServing:
+        # Leaving before serving: the peers fail their next collective, as the instance is going anyway.
         link.report(RunnerShuttingDown())
-        stop_group()
-        link.report(RunnerShutdown())
-        return 0
     except Exception as exc:  # the top of the process: every failure becomes the Failed reason
         reason = f"rank {spec.rank}: {type(exc).__name__}: {exc}"
         link.report(RunnerFailed(reason=reason[:MAX_REASON]))
         return 1
+    link.report(RunnerShuttingDown())
+    stop_group()
+    link.report(RunnerShutdown())
+    return 0
 
 
 def _maybe_stall(faults: RunnerFaults, stage: StallStage) -> None:
@@ -169,9 +184,10 @@ class StepLoop:
                 self.active.discard(output.request_id)
             if self.spec.is_sampling_rank:
                 chunks.append(_chunk(output))
-        self.link.send_chunks(chunks)
         num_tasks = len(self.active)
+        # Status first: a task's first chunk never arrives before the Running that counts it.
         self.link.report(RunnerRunning(num_tasks=num_tasks) if num_tasks else RunnerReady())
+        self.link.send_chunks(chunks)
 
 
 def prompt_token_ids(tokenizer: Tokenizer, prompt: TaskPrompt) -> list[int]:
