@@ -24,7 +24,7 @@ from shoal.engine.quant import (
     quantize_model,
     relative_error,
 )
-from shoal.engine.quant.kernels import CPU_SMALL_M
+from shoal.engine.quant.kernels import CPU_SMALL_M_INT4
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import load_tokenizer
 from tests.engine.tiny_models import write_tiny_model
@@ -55,7 +55,7 @@ def test_int4_refuses_a_group_size_that_does_not_divide_k() -> None:
         quantize_int4(torch.randn(8, 96), 64)
 
 
-@pytest.mark.parametrize("m", [1, 3, CPU_SMALL_M + 5])  # fused kernel, and the dequantize + GEMM path
+@pytest.mark.parametrize("m", [1, 3, CPU_SMALL_M_INT4 + 5])  # fused kernel, and the dequantize + GEMM path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_their_dequantized_weight(m: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(m)

@@ -5,8 +5,9 @@ Each kernel has two paths, chosen per call by the number of rows M of x:
   and are memory-bound, so fewer weight bytes is faster (CPU: `_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`; CUDA: `_weight_int4pack_mm` (tinygemm, sm80+) and `_weight_int8pack_mm`
   where this torch build has it).
-- larger M (prefill): those kernels cost grows linearly with M (measured on CPU: 2x slower than bf16 at
-  M=16, 2.5-4x at M=256), so W is dequantized to the compute dtype and one dense GEMM runs instead.
+- larger M (prefill, big batches): those kernels' cost grows linearly with M, so past a crossover
+  measured per format (int8: M > 8, int4: M > 128) W is dequantized to the compute dtype and one dense
+  GEMM runs instead.
 
 Activations: the fused CPU kernels are vectorized for bf16/fp16 only (fp32 input is 10-100x slower), and
 tinygemm takes bf16 only, so a kernel computes in `compute_dtype` and casts x in (and y back) when the
@@ -20,13 +21,13 @@ import torch.nn.functional as F
 
 from shoal.engine.quant.formats import Int4Weight, Int8Weight
 
-# Largest M that still goes through the fused kernel (measured crossover vs dequantize + GEMM).
-CPU_SMALL_M = 8
+# Largest M that still goes through the fused kernel: the measured crossover with dequantize + GEMM
+# (1 thread, SmolLM2 shapes). The int4 unpack is costlier than int8's cast, so int4 stays fused longer:
+# at M=16 the fused int4 kernel takes 240 us where unpack + GEMM takes 1350 us (960x576), at M=64 850 vs
+# 1450; int8 at M=16 already 270 us fused vs 215 us cast + GEMM.
+CPU_SMALL_M_INT8 = 8
+CPU_SMALL_M_INT4 = 128
 CUDA_SMALL_M = 32
-
-
-def _small_m(device: torch.device) -> int:
-    return CUDA_SMALL_M if device.type == "cuda" else CPU_SMALL_M
 
 
 class Int8Kernel:
@@ -39,7 +40,7 @@ class Int8Kernel:
         self.compute_dtype = compute_dtype
         self.codes = q.codes.to(device).contiguous()  # (N, K) int8
         self.scales = q.scales.to(device, compute_dtype)  # (N,)
-        self.small_m = _small_m(device)
+        self.small_m = CUDA_SMALL_M if device.type == "cuda" else CPU_SMALL_M_INT8
         self.fused = has_fused_int8(device, compute_dtype)
 
     @property
@@ -70,7 +71,7 @@ class Int4Kernel:
         self.out_features, self.in_features, self.group_size = n, k, g
         self.compute_dtype = torch.bfloat16
         self.device = device
-        self.small_m = _small_m(device)
+        self.small_m = CUDA_SMALL_M if device.type == "cuda" else CPU_SMALL_M_INT4
         dt = self.compute_dtype
         # (K // g, N, 2): the layout torch's int4 kernels read their scales and zeros in
         self.scales_and_zeros = (
