@@ -1,7 +1,7 @@
 """How instance events fold into the cluster state: the instance part of the reducer, pure.
 
 `apply_instance_event(instances, runners, event)` returns the new (instances, runners) tables; the
-reducer in `shoal.state` calls it for these event kinds once they join the `Event` union. Invariants it
+reducer in `shoal.state` calls it for these event kinds. Invariants it
 enforces (raising `InvalidEventError`): an instance id is created once; deleting or reporting on an
 instance needs it to exist; a runner status names a runner of that instance on that node. Deleting an
 instance removes its runners' statuses too, so nothing of it lingers.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import assert_never
 
-from shoal.state import InvalidEventError
+from shoal.reducer_errors import InvalidEventError
 from shoal.types.instance_ids import InstanceId, RunnerId
 from shoal.types.instance_messages import InstanceCreated, InstanceDeleted, InstanceEvent, RunnerStatusChanged
 from shoal.types.instances import Instance

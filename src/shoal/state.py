@@ -5,7 +5,8 @@ Invariants it enforces (raising `InvalidEventError`, never returning a half-appl
 - indices are contiguous: the event's index is exactly `state.last_index + 1` (the caller skips duplicates);
 - terms only grow: `MasterElected` carries a term above the state's and equal to its IndexedEvent's term;
   every other event carries the current term (an event from a deposed master does not fold in);
-- events about a node refer to a node that joined before.
+- events about a node refer to a node that joined before;
+- instance events follow `shoal.instance_state` (an instance is created once, reports name its runners).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import assert_never
 
+from shoal.instance_state import apply_instance_event
+from shoal.reducer_errors import InvalidEventError
 from shoal.types.events import (
     IndexedEvent,
     MasterElected,
@@ -23,11 +26,10 @@ from shoal.types.events import (
     NodeTimedOut,
 )
 from shoal.types.ids import NodeId
+from shoal.types.instance_messages import InstanceCreated, InstanceDeleted, RunnerStatusChanged
 from shoal.types.state import NodeRecord, State
 
-
-class InvalidEventError(ValueError):
-    """An event that cannot follow the given state: the log or its sender is inconsistent."""
+__all__ = ["InvalidEventError", "apply", "apply_all"]
 
 
 def apply(state: State, indexed: IndexedEvent) -> State:
@@ -49,6 +51,11 @@ def apply(state: State, indexed: IndexedEvent) -> State:
     if indexed.term != state.term:
         raise InvalidEventError(
             f"event {indexed.index} ({event.kind}) has term {indexed.term}, but the current term is {state.term}"
+        )
+    if isinstance(event, InstanceCreated | InstanceDeleted | RunnerStatusChanged):
+        instances, runners = apply_instance_event(state.instances, state.runners, event)
+        return state.model_copy(
+            update={"last_index": indexed.index, "instances": instances, "runners": runners}
         )
     nodes = dict(state.nodes)
     if isinstance(event, NodeJoined):

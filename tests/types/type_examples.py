@@ -3,6 +3,7 @@ member without an example here."""
 
 from __future__ import annotations
 
+from instance_examples import MESSAGE_EXAMPLES
 from pydantic import BaseModel
 
 from shoal.types import (
@@ -35,6 +36,7 @@ from shoal.types import (
     SetNodeLabel,
     Term,
 )
+from shoal.types.instance_messages import INSTANCE_COMMANDS, INSTANCE_EVENTS
 
 NODE_A = NodeId("0123456789abcdef0123456789abcdef")
 NODE_B = NodeId("fedcba9876543210fedcba9876543210")
@@ -74,6 +76,7 @@ SET_LABEL = SetNodeLabel(node_id=NODE_A, key="zone", value="rack-2")
 COMMAND_EXAMPLES: dict[type[BaseModel], BaseModel] = {
     SetNodeLabel: SET_LABEL,
     RemoveNodeLabel: RemoveNodeLabel(node_id=NODE_A, key="zone"),
+    **{cls: MESSAGE_EXAMPLES[cls] for cls in INSTANCE_COMMANDS},
 }
 
 EVENT_EXAMPLES: dict[type[BaseModel], BaseModel] = {
@@ -83,6 +86,7 @@ EVENT_EXAMPLES: dict[type[BaseModel], BaseModel] = {
     NodeTimedOut: NodeTimedOut(node_id=NODE_B),
     NodeLabelSet: NodeLabelSet(node_id=NODE_A, key="gpu-class", value="h100"),
     NodeLabelRemoved: NodeLabelRemoved(node_id=NODE_A, key="gpu-class"),
+    **{cls: MESSAGE_EXAMPLES[cls] for cls in INSTANCE_EVENTS},
 }
 
 REPLY_EXAMPLES: dict[type[BaseModel], BaseModel] = {

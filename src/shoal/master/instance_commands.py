@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from shoal.master.commands import Rejection
 from shoal.master.placement import PlacementError, links_from_nodes, place
+from shoal.master.rejection import Rejection
 from shoal.master.shard_memory import RUNNER_OVERHEAD_BYTES, format_bytes
 from shoal.types.ids import NodeId
 from shoal.types.instance_ids import InstanceId, RunnerId

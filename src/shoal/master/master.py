@@ -15,7 +15,8 @@ Invariants:
   a command resent across a master change is not applied twice;
 - one round (everything that arrived while the last was written) is one log append, one broadcast frame
   (EventBatch) and one reply frame per requesting node: costs per round, not per command;
-- a node silent for longer than `node_timeout_s` is declared NodeTimedOut once.
+- a node silent for longer than `node_timeout_s` is declared NodeTimedOut once, and every instance with a
+  shard on it is deleted with it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from shoal.master.commands import Rejection, decide
 from shoal.master.health import membership_events, silent_nodes
+from shoal.master.instance_commands import instances_lost_with_node
 from shoal.replica import Replica
 from shoal.state import apply
 from shoal.types import (
@@ -243,7 +245,10 @@ class Master:
         now = self._clock()
         for node_id in silent_nodes(batch.state, self._last_heard, now, self._settings.node_timeout_s):
             del self._last_heard[node_id]
-            batch.add([NodeTimedOut(node_id=node_id)])
+            # The instances it held cannot serve any more: delete them, so their runners elsewhere stop.
+            batch.add(
+                [NodeTimedOut(node_id=node_id), *instances_lost_with_node(batch.state.instances, node_id)]
+            )
 
     async def _finish(self, batch: _Batch) -> None:
         """Persist, broadcast, then answer: a requester never hears of an event before it is durable."""

@@ -1,7 +1,7 @@
 """Commands: imperative requests any node sends to the master, which accepts or rejects each one.
 
 To add a command: define the class with a unique `kind`, add it to `Command`, and give it an example in
-tests/types/examples.py (a test fails until you do).
+tests/types/type_examples.py (a test fails until you do).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pydantic import Field, StringConstraints, TypeAdapter
 
 from shoal.types._base import FrozenModel
 from shoal.types.ids import CommandIdField, NodeIdField
+from shoal.types.instance_messages import CreateInstance, DeleteInstance, PlaceInstance, ReportRunnerStatus
 
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
@@ -33,7 +34,10 @@ class RemoveNodeLabel(FrozenModel):
     key: LabelKey
 
 
-Command = Annotated[SetNodeLabel | RemoveNodeLabel, Field(discriminator="kind")]
+Command = Annotated[
+    SetNodeLabel | RemoveNodeLabel | PlaceInstance | CreateInstance | DeleteInstance | ReportRunnerStatus,
+    Field(discriminator="kind"),
+]
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 

@@ -1,7 +1,7 @@
 """Events: facts in the past tense, written by the master only, each under a contiguous index.
 
 To add an event: define the class with a unique `kind`, add it to `Event`, handle it in
-`shoal.state.apply`, and give it an example in tests/types/examples.py (a test fails until you do).
+`shoal.state.apply`, and give it an example in tests/types/type_examples.py (a test fails until you do).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pydantic import Field, TypeAdapter, model_validator
 from shoal.types._base import FrozenModel
 from shoal.types.commands import LabelKey, LabelValue
 from shoal.types.ids import CommandIdField, EventIndex, NodeIdField, TermField
+from shoal.types.instance_messages import InstanceCreated, InstanceDeleted, RunnerStatusChanged
 from shoal.types.profiles import NodeProfile
 
 
@@ -64,7 +65,15 @@ class NodeLabelRemoved(FrozenModel):
 
 
 Event = Annotated[
-    MasterElected | NodeJoined | NodeProfileUpdated | NodeTimedOut | NodeLabelSet | NodeLabelRemoved,
+    MasterElected
+    | NodeJoined
+    | NodeProfileUpdated
+    | NodeTimedOut
+    | NodeLabelSet
+    | NodeLabelRemoved
+    | InstanceCreated
+    | InstanceDeleted
+    | RunnerStatusChanged,
     Field(discriminator="kind"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -1,9 +1,6 @@
 """Commands and events about instances and runners.
 
-Not yet members of `shoal.types.Command` / `shoal.types.Event`: the master and the reducer handle those
-unions exhaustively, so each class joins its union (one line each, plus an example in
-tests/types/type_examples.py) together with the code that handles it. `INSTANCE_COMMANDS` and
-`INSTANCE_EVENTS` list them for that step.
+The commands are members of `shoal.types.Command`, the events of `shoal.types.Event`.
 
 Flow: any node sends `PlaceInstance` (the master runs placement) or `CreateInstance` (an exact instance,
 e.g. a chosen preview; the master re-checks it) and the master writes `InstanceCreated`. Workers report

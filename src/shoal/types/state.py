@@ -9,7 +9,10 @@ from pydantic import Field
 from shoal.types._base import FrozenModel
 from shoal.types.commands import LabelKey, LabelValue
 from shoal.types.ids import EventIndex, EventIndexField, NodeId, NodeIdField, Term, TermField
+from shoal.types.instance_ids import InstanceIdField, RunnerIdField
+from shoal.types.instances import Instance
 from shoal.types.profiles import NodeProfile
+from shoal.types.runners import RunnerStatus
 
 NodeStatus = Literal["active", "timed_out"]
 
@@ -25,12 +28,15 @@ class NodeRecord(FrozenModel):
 
 
 class State(FrozenModel):
-    """Never mutated: `apply` returns a new State. Instances, runners and tasks join here later."""
+    """Never mutated: `apply` returns a new State. `runners` holds the last status the cluster recorded
+    for each runner of a live instance (a deleted instance's runners leave with it)."""
 
     last_index: EventIndexField = EventIndex(0)
     term: TermField = Term(0)
     master: NodeIdField | None = None
     nodes: dict[NodeIdField, NodeRecord] = Field(default_factory=dict)
+    instances: dict[InstanceIdField, Instance] = Field(default_factory=dict)
+    runners: dict[RunnerIdField, RunnerStatus] = Field(default_factory=dict)
 
     def active_node_ids(self) -> tuple[NodeId, ...]:
         return tuple(node_id for node_id, record in self.nodes.items() if record.status == "active")
