@@ -1,4 +1,5 @@
-"""`shoal node`: wires identity, transport, election, the master role, the replica and the HTTP API.
+"""`shoal node`: wires identity, transport, election, the master role, the replica, the worker (runner
+subprocesses), the task router (generation requests this node holds) and the HTTP API.
 
 Inputs: `NodeSettings` (built by the CLI) and frames from the cluster. Outputs: heartbeats, commands and
 range requests to the cluster; the master role's events and replies while this node is elected; the HTTP
@@ -52,6 +53,7 @@ from shoal.node_links import LinkProber
 from shoal.node_log import describe_event
 from shoal.node_startup import StartupError, advertised_host, bind_api_socket
 from shoal.replica import Replica
+from shoal.task_router import RouterSettings, TaskRouter
 from shoal.types import (
     ApiAddress,
     Command,
@@ -72,7 +74,9 @@ from shoal.types import (
     decode_wire_message,
     encode_wire_message,
 )
+from shoal.types.generation import CancelGeneration, GenerationChunks, StartGeneration
 from shoal.worker.profile import ProfileGatherer, read_network_interfaces
+from shoal.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("shoal.node")
 
@@ -93,6 +97,12 @@ class NodeSettings:
     force_master: bool
     command_timeout_s: float = 5.0
     profile_update_interval_s: float = 5.0
+    runner_threads: int | None = None
+    first_chunk_timeout_s: float = 60.0
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
 
     @property
     def liveness_s(self) -> float:
@@ -139,12 +149,29 @@ class Node:
         self._spoke = False  # sent a frame yet: until then a heartbeat under our id proves a clash
         self.quarantined = False
         self.identity_clash: dict[str, Any] | None = None
+        self.router = TaskRouter(
+            node_id,
+            RouterSettings(first_chunk_timeout_s=settings.first_chunk_timeout_s),
+            lambda: self.replica.state,
+            self._send,
+        )
+        self.worker = Worker(
+            node_id,
+            WorkerSettings(data_dir=settings.data_dir, runner_threads=settings.runner_threads),
+            lambda: self.replica.state,
+            self.submit,
+            self._send,
+        )
 
     # --- what the API sees -------------------------------------------------------------------------------
 
     @property
     def state(self) -> State:
         return self.replica.state
+
+    @property
+    def models_dir(self) -> Path:
+        return self.settings.models_dir
 
     @property
     def is_master(self) -> bool:
@@ -211,6 +238,7 @@ class Node:
                 tg.start_soon(self._commands.run, self._send)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._control, tg)
+                tg.start_soon(self.worker.run)
         finally:
             server.should_exit = True
             self.feed.close()
@@ -441,8 +469,17 @@ class Node:
                 await self._send(
                     sender, Pong(node_id=self.node_id, ping_id=message.ping_id, sent_at=message.sent_at)
                 )
-        elif isinstance(message, Pong) and not self._claims_other_sender(sender, message.node_id):
-            self._links.on_pong(message, now)
+        elif isinstance(message, Pong):
+            if not self._claims_other_sender(sender, message.node_id):
+                self._links.on_pong(message, now)
+        elif isinstance(message, StartGeneration):
+            if not self._claims_other_sender(sender, message.origin):
+                await self.worker.on_start(message)
+        elif isinstance(message, CancelGeneration):
+            if not self._claims_other_sender(sender, message.origin):
+                self.worker.on_cancel(message)
+        elif isinstance(message, GenerationChunks):
+            self.router.on_chunks(sender, message)
 
     def _log_events(self, events: Sequence[IndexedEvent]) -> None:
         for event in events:

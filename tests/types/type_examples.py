@@ -36,6 +36,15 @@ from shoal.types import (
     SetNodeLabel,
     Term,
 )
+from shoal.types.generation import (
+    CancelGeneration,
+    ChatMessage,
+    GenerationChunk,
+    GenerationChunks,
+    GenerationParams,
+    StartGeneration,
+)
+from shoal.types.instance_ids import InstanceId, TaskId
 from shoal.types.instance_messages import INSTANCE_COMMANDS, INSTANCE_EVENTS
 
 NODE_A = NodeId("0123456789abcdef0123456789abcdef")
@@ -132,4 +141,21 @@ WIRE_EXAMPLES: dict[type[BaseModel], BaseModel] = {
     ReplyBatch: ReplyBatch(replies=(REPLY_EXAMPLES[CommandAccepted], REPLY_EXAMPLES[CommandRejected])),
     Ping: Ping(node_id=NODE_A, ping_id=17, sent_at=12345.678),
     Pong: Pong(node_id=NODE_B, ping_id=17, sent_at=12345.678),
+    StartGeneration: StartGeneration(
+        task_id=TaskId("t1"),
+        instance_id=InstanceId("i1"),
+        origin=NODE_B,
+        prompt=(ChatMessage(role="user", content="Hi"),),
+        params=GenerationParams(temperature=0.0, max_tokens=8, stop=("\n",)),
+    ),
+    CancelGeneration: CancelGeneration(task_id=TaskId("t1"), instance_id=InstanceId("i1"), origin=NODE_B),
+    GenerationChunks: GenerationChunks(
+        task_id=TaskId("t1"),
+        chunks=(
+            GenerationChunk(text="Hel", token_ids=(5, 6)),
+            GenerationChunk(
+                text="lo", token_ids=(7,), finish_reason="stop", prompt_tokens=3, completion_tokens=3
+            ),
+        ),
+    ),
 }

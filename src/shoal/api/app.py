@@ -4,11 +4,13 @@ GET /health (503 with status "identity_clash" while the node is silenced by a cl
 indexed events, optionally replaying from `from_index`), POST /nodes/{node_id}/labels and
 DELETE /nodes/{node_id}/labels/{key} (commands submitted through the master; the answer is the master's:
 200 with the indices, 409 with its rejection reason, or 503 when no master answered before the deadline).
+Instances and models: see `shoal.api.instances`; generation: `shoal.api.generate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -18,6 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from shoal.api.errors import error_response, invalid_response
+from shoal.api.generate import add_generate_route
+from shoal.api.instances import add_instance_routes
+from shoal.task_router import TaskRouter
 from shoal.types import (
     INDEXED_EVENT_ADAPTER,
     Command,
@@ -48,19 +54,16 @@ class ClusterNode(Protocol):
 
     def listen_events(self) -> MemoryObjectReceiveStream[IndexedEvent]: ...
 
+    @property
+    def models_dir(self) -> Path: ...
+
+    @property
+    def router(self) -> TaskRouter: ...
+
 
 class LabelBody(BaseModel):
     key: str
     value: str
-
-
-def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
-
-
-def _invalid(error: ValidationError | RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-    return _error(422, "invalid_request", problems)
 
 
 def _sse(event: IndexedEvent) -> bytes:
@@ -74,18 +77,18 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         # the same error shape as every other answer, not FastAPI's {"detail": [...]}
-        return _invalid(error)
+        return invalid_response(error)
 
     async def answer(command: Command) -> JSONResponse:
         reply = await node.submit(command)
         if reply is None:
-            return _error(
+            return error_response(
                 503,
                 "no_master",
                 f"no master answered within {command_timeout_s:g} s; the cluster may be electing",
             )
         if isinstance(reply, CommandRejected):
-            return _error(409, "command_rejected", reply.reason, command_id=reply.command_id)
+            return error_response(409, "command_rejected", reply.reason, command_id=reply.command_id)
         return JSONResponse(reply.model_dump(mode="json"))
 
     @app.get("/health", response_model=None)
@@ -116,7 +119,7 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
         try:
             command = SetNodeLabel(node_id=NodeId(node_id), key=body.key, value=body.value)
         except ValidationError as error:
-            return _invalid(error)
+            return invalid_response(error)
         return await answer(command)
 
     @app.delete("/nodes/{node_id}/labels/{key:path}", response_model=None)
@@ -124,7 +127,7 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
         try:
             command = RemoveNodeLabel(node_id=NodeId(node_id), key=key)
         except ValidationError as error:
-            return _invalid(error)
+            return invalid_response(error)
         return await answer(command)
 
     @app.get("/events", response_model=None)
@@ -158,4 +161,6 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    add_instance_routes(app, node, command_timeout_s)
+    add_generate_route(app, node)
     return app

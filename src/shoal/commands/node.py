@@ -36,6 +36,13 @@ def _positive(value: str) -> float:
     return number
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("node", help="run a cluster node on this machine")
     parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster name (default: %(default)s)")
@@ -83,6 +90,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--force-master", action="store_true", help="take the master role whatever the election says"
     )
+    parser.add_argument(
+        "--runner-threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per runner process (default: torch's own choice)",
+    )
     parser.add_argument("--no-multicast", action="store_true", help="no multicast discovery: use --peer only")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(run=run)
@@ -117,6 +130,7 @@ def build_settings(args: argparse.Namespace) -> NodeSettings:
         node_timeout_s=args.node_timeout,
         heartbeat_interval_s=args.heartbeat_interval,
         force_master=args.force_master,
+        runner_threads=args.runner_threads,
     )
 
 

@@ -3,7 +3,8 @@
 Inputs: a RunnerSpec, the duplex connection to the supervisor (tasks and cancels arrive at rank 0; a stop
 request may arrive at any rank), and test-only faults. Outputs on the connection: a status report at
 every stage (Connecting, Connected, Loading, Loaded, WarmingUp, Ready/Running, ShuttingDown, Shutdown, or
-Failed with the reason) and, once per step, the sampling rank's chunks keyed by task id.
+Failed with the reason) and, once per step, the sampling rank's chunks keyed by task id (plus, from a rank 0
+that does not sample, an empty end marker when a task finishes).
 
 Each step, on every rank: rank 0's delta since the last step (admissions and cancellations, in arrival
 order) reaches all ranks in one exchange that also carries any rank's wish to stop; every rank applies it
@@ -184,6 +185,10 @@ class StepLoop:
                 self.active.discard(output.request_id)
             if self.spec.is_sampling_rank:
                 chunks.append(_chunk(output))
+            elif output.finished and self.spec.rank == 0:
+                # An end marker with no content: rank 0's node holds the task's bookkeeping and must learn
+                # that it ended, even though the chunks themselves come from the sampling rank.
+                chunks.append(TaskChunk(TaskId(output.request_id), finish_reason=output.finish_reason))
         num_tasks = len(self.active)
         # Status first: a task's first chunk never arrives before the Running that counts it.
         self.link.report(RunnerRunning(num_tasks=num_tasks) if num_tasks else RunnerReady())

@@ -14,6 +14,7 @@ from pydantic import Field, TypeAdapter, model_validator
 from shoal.types._base import FrozenModel
 from shoal.types.commands import CommandEnvelope
 from shoal.types.events import IndexedEvent
+from shoal.types.generation import CancelGeneration, GenerationChunks, StartGeneration
 from shoal.types.ids import EventIndex, EventIndexField, NodeIdField, TermField
 from shoal.types.profiles import NodeProfile
 from shoal.types.replies import CommandAccepted, CommandRejected
@@ -126,7 +127,17 @@ class Pong(FrozenModel):
 
 
 WireMessage = Annotated[
-    Heartbeat | EventRangeRequest | EventRange | EventBatch | CommandBatch | ReplyBatch | Ping | Pong,
+    Heartbeat
+    | EventRangeRequest
+    | EventRange
+    | EventBatch
+    | CommandBatch
+    | ReplyBatch
+    | Ping
+    | Pong
+    | StartGeneration
+    | CancelGeneration
+    | GenerationChunks,
     Field(discriminator="kind"),
 ]
 WIRE_MESSAGE_ADAPTER: TypeAdapter[WireMessage] = TypeAdapter(WireMessage)

@@ -4,8 +4,9 @@ Inputs: `spawn(spec)`, `submit(runner_id, task)`, `cancel(task_id)`, `shutdown(r
 `fail(runner_id, reason)`, `forget(runner_id)` from the node's worker (which decides with worker/plan.py).
 Outputs: each runner's status (`status`, `runners()` as plan's `LocalRunner`s with `status_since`, and
 `subscribe_status()` streams of changes); each submitted task's chunks on the `TaskStream` that `submit`
-returned; chunks of tasks submitted elsewhere (a pipeline's last rank samples for rank 0's node) on
-`subscribe_chunks()` streams.
+returned (for a pipeline whose sampling rank runs on another node, that stream carries only errors and
+ends with an empty end marker); chunks of tasks submitted elsewhere (a pipeline's last rank samples for
+rank 0's node) on `subscribe_chunks()` streams.
 
 Invariants:
 - Every stage has a deadline (`StageDeadlines`); an overrun kills the process and fails the runner, naming
@@ -152,17 +153,23 @@ class RunnerSupervisor:
 
     # --- runners -------------------------------------------------------------------------------------
 
-    async def spawn(self, spec: RunnerSpec) -> None:
+    async def spawn(self, spec: RunnerSpec, env: Mapping[str, str] | None = None) -> None:
+        """Start the runner; `env` adds to the configured runner environment (e.g. GLOO_SOCKET_IFNAME)."""
         if self._task_group is None:
             raise SupervisorError("use the supervisor inside `async with`")
         if spec.runner_id in self._runners:
             raise SupervisorError(f"runner {spec.runner_id} already exists; forget it first")
-        process, conn = start_runner_process(spec, self.config.python, self.config.runner_env)
+        process, conn = start_runner_process(
+            spec, self.config.python, {**self.config.runner_env, **(env or {})}
+        )
         runner = _Runner(spec, process, conn, RunnerIdle(), time.monotonic())
         self._runners[spec.runner_id] = runner
         self._publish_status(spec.runner_id, runner.status)
         self._task_group.start_soon(self._read, spec.runner_id, runner)
         self._task_group.start_soon(self._enforce_deadlines, spec.runner_id, runner)
+
+    def spec(self, runner_id: RunnerId) -> RunnerSpec:
+        return self._get(runner_id).spec
 
     def status(self, runner_id: RunnerId) -> RunnerStatus:
         return self._get(runner_id).status
@@ -276,7 +283,7 @@ class RunnerSupervisor:
                 if isinstance(message, StatusReport):
                     self._on_report(runner_id, runner, message.status)
                 elif isinstance(message, ChunkBatch):
-                    self._route(runner.spec.instance_id, message.chunks)
+                    self._route(runner.spec, message.chunks)
 
     def _on_report(self, runner_id: RunnerId, runner: _Runner, status: RunnerStatus) -> None:
         # After a stop request, only the stop's own progress counts (not e.g. a late Ready).
@@ -312,9 +319,16 @@ class RunnerSupervisor:
                 del self._relayed[task_id]
                 self._broadcast(self._chunk_subscribers, TaskChunk(task_id, error=message))
 
-    def _route(self, instance_id: InstanceId, chunks: tuple[TaskChunk, ...]) -> None:
+    def _route(self, spec: RunnerSpec, chunks: tuple[TaskChunk, ...]) -> None:
+        instance_id = spec.instance_id
         for chunk in chunks:
             task = self._tasks.get(chunk.task_id)
+            if not spec.is_sampling_rank and chunk.error is None:
+                # Rank 0's end marker: it ends the task's stream here unless the sampling rank runs here
+                # too (then its own last chunk, with the content, does).
+                if task is not None and not self._samples_here(instance_id, spec.world_size):
+                    self._deliver(chunk.task_id, task, chunk)
+                continue
             if task is not None:
                 self._deliver(chunk.task_id, task, chunk)
                 continue
@@ -323,6 +337,12 @@ class RunnerSupervisor:
             else:
                 self._relayed[chunk.task_id] = instance_id
             self._broadcast(self._chunk_subscribers, chunk)
+
+    def _samples_here(self, instance_id: InstanceId, world_size: int) -> bool:
+        return any(
+            r.spec.instance_id == instance_id and r.spec.is_sampling_rank and r.spec.world_size == world_size
+            for r in self._runners.values()
+        )
 
     def _deliver(self, task_id: TaskId, task: _Task, chunk: TaskChunk) -> None:
         # A consumer that stopped listening misses the chunk; the task's bookkeeping still ends below.

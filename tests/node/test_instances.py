@@ -1,0 +1,172 @@
+"""Instances on real `shoal node` processes on loopback: placement, sharded generation, failures."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shoal.engine.sampling import SamplingParams
+from shoal.local_cluster import LocalCluster
+from tests.node.instance_helpers import (
+    generate,
+    place,
+    runner_processes,
+    tokens,
+    wait_gone,
+    wait_members,
+    wait_ready,
+)
+from tests.runner.harness import reference
+from tests.runner.tiny_model_dir import write_tiny_model_dir
+
+PROMPT = "the quick brown fox"
+GREEDY = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def expected(tiny: Path) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    return list(reference(tiny, [PROMPT], params)[0].token_ids)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("pair"), cluster="instances", node_timeout_s=3.0)
+    try:
+        cluster.add(2, extra=("--runner-threads", "1"))
+        wait_members(cluster, 2)
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def _delete(cluster: LocalCluster, instance_id: str) -> None:
+    node = cluster.nodes[0]
+    response = httpx.delete(f"{node.api_url}/instances/{instance_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    wait_gone(cluster, node, instance_id, 5.0)
+    cluster.wait_until(lambda: not any(runner_processes(n) for n in cluster.nodes), 20.0, "runners to exit")
+
+
+@pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
+def test_two_node_instance_gives_the_greedy_tokens_of_one_process(
+    pair: LocalCluster, tiny: Path, expected: list[int], sharding: str
+) -> None:
+    n0, n1 = pair.nodes
+    response = place(n0, model=str(tiny), sharding=sharding, min_nodes=2)
+    assert response.status_code == 201, response.text
+    instance = response.json()
+    assert instance["sharding"] == sharding and len(instance["shards"]) == 2
+    assert {s["node_id"] for s in instance["shards"]} == {n0.node_id(), n1.node_id()}
+    # Before its runners are ready the model answers 503 with Retry-After, at once.
+    early = httpx.post(f"{n1.api_url}/generate", json={"model": "tiny-llama", "prompt": PROMPT}, timeout=5)
+    assert early.status_code == 503 and early.headers["Retry-After"], early.text
+    wait_ready(pair, n1, instance["instance_id"])
+    index_before = n0.state()["last_index"]
+    for node in (n0, n1):  # the request may arrive at either node
+        status, lines = generate(node, model="tiny-llama", prompt=PROMPT, **GREEDY)
+        assert status == 200, lines
+        assert tokens(lines) == expected
+        assert [line["type"] for line in lines[-2:]] == ["finish", "end"]
+        assert lines[-2]["usage"]["completion_tokens"] == len(expected)
+    # Requests do not write events (no Running churn in the log): only profile updates may have come.
+    new = [e for e in _events(n0, index_before + 1) if e["event"]["kind"] != "node_profile_updated"]
+    assert new == []
+    _delete(pair, instance["instance_id"])
+
+
+def _events(node: Any, first: int) -> list[dict[str, Any]]:
+    last = node.state()["last_index"]
+    if last < first:
+        return []
+    with httpx.stream("GET", f"{node.api_url}/events", params={"from_index": first}, timeout=5) as response:
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1]["index"] >= last:
+                    break
+        return events
+
+
+def test_impossible_placements_are_refused_and_create_nothing(pair: LocalCluster, tmp_path: Path) -> None:
+    n0, _ = pair.nodes
+    odd = write_tiny_model_dir(
+        tmp_path / "odd-heads", hidden_size=96, num_attention_heads=3, num_key_value_heads=1
+    )
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"model": "default", "kv_headroom_tokens": 10**9, "min_nodes": 1}, 409, "needs"),
+        ({"model": str(odd), "sharding": "tensor", "min_nodes": 2}, 409, "divisible by world size 2"),
+        ({"model": "default", "backend": "nccl"}, 409, "nccl"),
+        ({"model": "default", "node_ids": ["no-such-node"]}, 409, "no-such-node"),
+        ({"model": "no-such-model"}, 404, "unknown model"),
+        ({"model": "default", "min_nodes": 0}, 422, "min_nodes"),
+    ]
+    for body, status, words in cases:
+        response = place(n0, **body)
+        assert response.status_code == status, (body, response.text)
+        assert words in response.json()["error"]["message"], (body, response.text)
+    assert n0.get("/instances")["instances"] == []
+    assert n0.state()["instances"] == {}
+    # A model with no instance at all: 404 at once.
+    status, lines = generate(n0, model="tiny-llama", prompt=PROMPT)
+    assert status == 404 and lines[0]["error"]["type"] == "model_not_found"
+
+
+def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: LocalCluster, tiny: Path) -> None:
+    n0, n1 = pair.nodes
+    response = place(n0, model=str(tiny), node_ids=[n0.node_id()])
+    assert response.status_code == 201, response.text
+    instance_id = response.json()["instance_id"]
+    wait_ready(pair, n1, instance_id)
+    [runner] = runner_processes(n0)
+    seen: dict[str, Any] = {}
+    first_delta = threading.Event()
+
+    def stream() -> None:
+        body = {
+            "model": "tiny-llama",
+            "prompt": PROMPT,
+            "temperature": 0.0,
+            "max_tokens": 230,
+            "ignore_eos": True,
+        }
+        with httpx.stream("POST", f"{n1.api_url}/generate", json=body, timeout=30) as answer:
+            for line in answer.iter_lines():
+                item = json.loads(line)
+                if item["type"] == "delta":
+                    first_delta.set()
+                elif item["type"] in ("error", "finish"):
+                    seen[item["type"]] = (item, time.monotonic())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_delta.wait(30), "no first chunk"
+    runner.kill()
+    killed_at = time.monotonic()
+    reader.join(10)
+    assert "finish" not in seen, seen
+    error, at = seen["error"]
+    assert at - killed_at < 2.0
+    assert "SIGKILL" in error["message"]
+    gone_after = wait_gone(pair, n0, instance_id, 10.0)
+    assert gone_after < 10.0
+    # the next placement of the model serves the next request
+    again = place(n1, model=str(tiny), node_ids=[n1.node_id()])
+    assert again.status_code == 201, again.text
+    wait_ready(pair, n0, again.json()["instance_id"])
+    status, lines = generate(n0, model="tiny-llama", prompt=PROMPT, **GREEDY)
+    assert status == 200 and lines[-2]["type"] == "finish", lines
+    _delete(pair, again.json()["instance_id"])
