@@ -84,7 +84,7 @@ def test_kv_cache_is_sized_from_the_byte_budget(tiny: tuple[Path, object]) -> No
     # per token: 3 layers x (k + v) x 2 kv heads x 16 dims x 4 bytes = 768 bytes; 4-token blocks
     runner = make_runner(path, kv_cache_bytes=768 * 4 * 100 + 5)
     assert runner.num_kv_blocks == 100 and runner.block_size == 4
-    assert runner.kv_caches[0][0].shape == (100, 4, 2, 16)
+    assert runner.kv_caches[0].shape == (100, 4, 2, 2, 16)  # blocks, block size, k/v, kv heads, dims
     with pytest.raises(ValueError, match="max_model_len"):
         make_runner(path, kv_cache_bytes=768 * 200)  # 256-token context needs 64 blocks, 50 fit
     assert make_runner(path, kv_cache_bytes=768 * 200, max_model_len=200).num_kv_blocks == 50

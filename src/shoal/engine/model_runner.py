@@ -4,8 +4,8 @@ Inputs: each step, a sequence of `ScheduledChunk`s (prefill chunks and decode to
 in any mix; see batch.py). Outputs: fp32 logits, one row per chunk with `sample=True`, in chunk order, on
 the last pipeline stage; on other stages the hidden states (T, hidden) to hand to the next stage, where
 T is the total number of tokens in the step in chunk order.
-Invariants: the KV cache holds per layer k and v of shape (num_kv_blocks, block_size, num_kv_heads_local,
-head_dim); a chunk's positions below `start_pos` must already be in the slots its block table names.
+Invariants: the KV cache holds per layer one tensor (num_kv_blocks, block_size, 2, num_kv_heads_local,
+head_dim), k then v; a chunk's positions below `start_pos` must already be in the slots its block table names.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from shoal.engine.batch import ScheduledChunk
 from shoal.engine.config import ModelConfig
-from shoal.engine.layers import AttentionGroup, AttentionMetadata
+from shoal.engine.layers import AttentionGroup, AttentionMetadata, attention_compute_dtype
 from shoal.engine.loader import load_model, open_source
 from shoal.engine.models import KVCache
 from shoal.engine.parallel import Communicator, ShardSpec
@@ -57,12 +57,14 @@ class ModelRunner:
         self.model = load_model(model_path, self.shard, dtype, self.device, communicator, source=source)
         num_layers = len(self.model.layers)
         kv_heads = self.config.num_kv_heads // self.shard.tp_size
+        self.num_kv_heads = kv_heads  # local
         cache = torch.zeros(
-            (num_layers, 2, self.num_kv_blocks, block_size, kv_heads, self.config.head_dim),
+            (num_layers, self.num_kv_blocks, block_size, 2, kv_heads, self.config.head_dim),
             dtype=dtype,
             device=self.device,
         )
-        self.kv_caches: list[KVCache] = [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
+        self.kv_caches: list[KVCache] = list(cache.unbind(0))
+        self.attention_dtype = attention_compute_dtype(dtype, self.device)
 
     @property
     def is_last_stage(self) -> bool:
@@ -176,17 +178,13 @@ class ModelRunner:
             query_pos = torch.arange(chunk.start_pos, chunk.end_pos)
             mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, Tq, L)
             return AttentionGroup(rows, gather.to(self.device), mask.to(self.device), False, 1)
-        if min(lengths) != longest:  # decode batch: additive mask hiding each sequence's padding
-            padding = key_pos[None, :] >= torch.tensor(lengths)[:, None]  # (B, L)
-            bias = torch.zeros(padding.shape, dtype=self.dtype).masked_fill_(padding, float("-inf"))
-            mask = bias[:, None, None]  # (B, 1, 1, L)
+        # decode batch: additive mask hiding each sequence's padding, one row per (sequence, kv head)
+        bias = torch.zeros((len(chunks), longest), dtype=self.attention_dtype)
+        if min(lengths) != longest:
+            bias.masked_fill_(key_pos[None, :] >= torch.tensor(lengths)[:, None], float("-inf"))
+        mask = bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None]  # (B * Hkv, 1, L)
         return AttentionGroup(
-            rows,
-            gather.to(self.device),
-            None if mask is None else mask.to(self.device),
-            False,
-            len(chunks),
-            decode=True,
+            rows, gather.to(self.device), mask.to(self.device), False, len(chunks), decode=True
         )
 
     def _check_chunk(self, chunk: ScheduledChunk) -> None:

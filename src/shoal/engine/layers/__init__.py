@@ -1,6 +1,11 @@
 """Tensor-parallel building blocks shared by the model files."""
 
-from shoal.engine.layers.attention import AttentionGroup, AttentionMetadata, PagedAttention
+from shoal.engine.layers.attention import (
+    AttentionGroup,
+    AttentionMetadata,
+    PagedAttention,
+    attention_compute_dtype,
+)
 from shoal.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.engine.layers.linear import (
     ColumnParallelLinear,
@@ -30,4 +35,5 @@ __all__ = [
     "VocabParallelEmbedding",
     "WeightKernel",
     "apply_rotary",
+    "attention_compute_dtype",
 ]

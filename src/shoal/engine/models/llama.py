@@ -1,7 +1,7 @@
 """The Llama family in one file: Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 Inputs per step (built by the model runner): T new tokens of many sequences flattened into one row each,
-their positions, the shared `AttentionMetadata`, and this stage's KV cache (one (k, v) pair per held layer).
+their positions, the shared `AttentionMetadata`, and this stage's KV cache (one tensor per held layer, see `PagedAttention`).
 The model holds only layers [layer_start, layer_end) of its `ShardSpec`: the first stage owns the
 embedding and takes token ids, the others take the previous stage's hidden states (the residual stream,
 (T, hidden)); the last stage owns the final norm and LM head (`compute_logits`). The same code serves any
@@ -29,7 +29,7 @@ from shoal.engine.layers import (
 )
 from shoal.engine.parallel import Communicator, ShardSpec, SingleProcessCommunicator
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: (num_blocks, block_size, num_kv_heads_local, head_dim)
+KVCache = torch.Tensor  # per layer: (num_blocks, block_size, 2, num_kv_heads_local, head_dim), k then v
 
 
 class LlamaAttention(nn.Module):
@@ -69,17 +69,18 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, (H + 2 * Hkv) * D)
         qk_size = self.q_size + self.kv_size
-        v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        # q and k are rotated in place, so k and v stay side by side in qkv: one cache write for both
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(
-                qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)
-            )  # (T, H, D)
-            k = self.k_norm(qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+            k = qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim)
+            q.copy_(apply_rotary(self.q_norm(q), cos, sin))
+            k.copy_(apply_rotary(self.k_norm(k), cos, sin))
         else:  # rotate q and k heads in one go: fewer, larger elementwise kernels
             qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # (T, H * D)
+            qk.copy_(apply_rotary(qk, cos, sin))
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
+        out = self.attn(q, kv, kv_cache, meta)  # (T, H * D)
         return self.o_proj(out)
 
 
