@@ -201,6 +201,9 @@ class Node:
             "replica_truncations": self.replica.num_truncations,
             "link_rtts_ms": self._links.rtts_ms(),
             "sse_listeners_cut_off": self.feed.num_cut_off,
+            "tasks_in_flight_here": sum(self.router.in_flight.values()),
+            "chunks_from_foreign_nodes": self.router.num_foreign_chunks,
+            "worker": self.worker.diagnostics(),
         }
 
     def read_events(self, first: int, last: int) -> Sequence[IndexedEvent]:

@@ -11,6 +11,7 @@ from shoal.types import (
     NodeProfileUpdated,
     NodeTimedOut,
 )
+from shoal.types.instance_messages import InstanceCreated, InstanceDeleted, RunnerStatusChanged
 
 
 def short(node_id: str) -> str:
@@ -36,4 +37,21 @@ def describe_event(indexed: IndexedEvent) -> str:
         return f"{head} node={short(event.node_id)} {event.key}={event.value}"
     if isinstance(event, NodeLabelRemoved):
         return f"{head} node={short(event.node_id)} key={event.key}"
+    if isinstance(event, InstanceCreated):
+        instance = event.instance
+        shards = ", ".join(
+            f"r{s.rank}@{short(s.node_id)}[{s.layer_start}:{s.layer_end}]" for s in instance.shards
+        )
+        return (
+            f"{head} instance={instance.instance_id} model={instance.card.model_id} "
+            f"{instance.sharding}/{instance.backend} shards={shards}"
+        )
+    if isinstance(event, InstanceDeleted):
+        return f"{head} instance={event.instance_id} reason={event.reason}"
+    if isinstance(event, RunnerStatusChanged):
+        status = event.status.model_dump(exclude={"kind"})
+        detail = " ".join(f"{key}={value}" for key, value in status.items())
+        return (
+            f"{head} runner={event.runner_id} {event.status.kind.removeprefix('runner_')} {detail}".rstrip()
+        )
     return head

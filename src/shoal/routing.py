@@ -24,8 +24,15 @@ class NoInstance:
     loading: bool
 
 
-def pick_instance(state: State, model: str, in_flight: Mapping[InstanceId, int]) -> Instance | NoInstance:
-    candidates = [instance for instance in state.instances.values() if matches(model, instance.card)]
+def pick_instance(
+    state: State, model: str, in_flight: Mapping[InstanceId, int], instance_id: InstanceId | None = None
+) -> Instance | NoInstance:
+    """`instance_id` pins the request to that instance (it must be of `model`)."""
+    candidates = [
+        instance
+        for instance in state.instances.values()
+        if matches(model, instance.card) and instance_id in (None, instance.instance_id)
+    ]
     serving = [instance for instance in candidates if _all_serving(state, instance)]
     if serving:
         return min(
@@ -34,6 +41,8 @@ def pick_instance(state: State, model: str, in_flight: Mapping[InstanceId, int])
     starting = [instance for instance in candidates if not _any_runner_ended(state, instance)]
     if starting:
         return NoInstance(f"model {model!r} is loading ({len(starting)} instance(s) starting)", loading=True)
+    if instance_id is not None:
+        return NoInstance(f"no instance {instance_id} of model {model!r}", loading=False)
     return NoInstance(
         f"no instance of model {model!r} is placed; place one with POST /instances", loading=False
     )

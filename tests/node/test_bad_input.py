@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import zenoh
-from test_cluster import STARTUP_S, agreed_states, set_label, wait_healthy
 
 from shoal.identity import KEY_FILE_NAME
 from shoal.local_cluster import LocalCluster, LocalNode, free_port
@@ -31,6 +30,7 @@ from shoal.types import (
     encode_wire_message,
     new_command_id,
 )
+from tests.node.test_cluster import STARTUP_S, agreed_states, set_label, wait_healthy
 
 CLUSTER = "bad"
 PREFIX = f"shoal/{CLUSTER}/"

@@ -57,7 +57,12 @@ def _delete(cluster: LocalCluster, instance_id: str) -> None:
     response = httpx.delete(f"{node.api_url}/instances/{instance_id}", timeout=10)
     assert response.status_code == 200, response.text
     wait_gone(cluster, node, instance_id, 5.0)
-    cluster.wait_until(lambda: not any(runner_processes(n) for n in cluster.nodes), 20.0, "runners to exit")
+
+    def runners_gone() -> bool:  # a worker forgets a runner once its process has exited and been reaped
+        local = [n.state()["diagnostics"]["worker"]["runners"] for n in cluster.nodes]
+        return not any(runner_id.startswith(instance_id) for runners in local for runner_id in runners)
+
+    cluster.wait_until(runners_gone, 20.0, f"the runners of {instance_id} to exit")
 
 
 @pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
@@ -132,6 +137,23 @@ def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: Local
     instance_id = response.json()["instance_id"]
     wait_ready(pair, n1, instance_id)
     [runner] = runner_processes(n0)
+    # A client that leaves mid-stream cancels its task on the runner, which goes back to Ready.
+    body = {
+        "model": "tiny-llama",
+        "prompt": PROMPT,
+        "temperature": 0.0,
+        "max_tokens": 230,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", f"{n1.api_url}/generate", json=body, timeout=30) as answer:
+        assert json.loads(next(answer.iter_lines()))["type"] == "delta"
+
+    def cancelled() -> bool:
+        worker = n0.state()["diagnostics"]["worker"]
+        statuses = [status["kind"] for status in worker["runners"].values()]
+        return worker["tasks_cancelled"] == 1 and statuses == ["runner_ready"]
+
+    pair.wait_until(cancelled, 5.0, "the task cancelled on its runner")
     seen: dict[str, Any] = {}
     first_delta = threading.Event()
 
@@ -170,3 +192,24 @@ def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: Local
     status, lines = generate(n0, model="tiny-llama", prompt=PROMPT, **GREEDY)
     assert status == 200 and lines[-2]["type"] == "finish", lines
     _delete(pair, again.json()["instance_id"])
+
+
+def test_embedded_model_as_a_two_node_pipeline_answers_like_one_node(pair: LocalCluster) -> None:
+    n0, n1 = pair.nodes
+    single = place(n0, model="default", node_ids=[n1.node_id()])
+    split = place(n0, model="default", sharding="pipeline", min_nodes=2)
+    assert single.status_code == 201 and split.status_code == 201, (single.text, split.text)
+    for response in (single, split):
+        wait_ready(pair, n0, response.json()["instance_id"])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = []
+    for response in (single, split):
+        pinned = response.json()["instance_id"]
+        status, lines = generate(
+            n0, model="default", instance_id=pinned, messages=messages, temperature=0.0, max_tokens=12
+        )
+        assert status == 200 and lines[-2]["type"] == "finish", lines
+        texts.append("".join(line["text"] for line in lines if line["type"] == "delta"))
+    assert texts[0] == texts[1] and "Paris" in texts[0]
+    for response in (single, split):
+        _delete(pair, response.json()["instance_id"])

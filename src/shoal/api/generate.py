@@ -1,6 +1,7 @@
 """`POST /generate`: a minimal streaming generation endpoint (NDJSON), until the OpenAI-style API exists.
 
-Body: {model, prompt (text or token ids) | messages [{role, content}], and sampling fields (max_tokens,
+Body: {model, instance_id (optional: pin one instance), prompt (text or token ids) | messages [{role,
+content}], and sampling fields (max_tokens,
 temperature, top_p, top_k, min_p, penalties, seed, stop, stop_token_ids, ignore_eos)}.
 Answers at once with 404 when no instance of the model is placed, 503 + Retry-After while one is still
 loading, 400 for invalid sampling values. Otherwise a stream of lines:
@@ -28,6 +29,7 @@ from shoal.routing import NoInstance, pick_instance
 from shoal.task_router import TaskRouter
 from shoal.types import State
 from shoal.types.generation import ChatMessage, GenerationParams, Prompt
+from shoal.types.instance_ids import InstanceId
 
 RETRY_AFTER_S = 2
 
@@ -47,6 +49,7 @@ class MessageBody(BaseModel):
 
 class GenerateBody(BaseModel):
     model: str = "default"
+    instance_id: str | None = None
     prompt: str | list[int] | None = None
     messages: list[MessageBody] | None = None
     temperature: float = 1.0
@@ -72,7 +75,7 @@ def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
     async def generate(body: GenerateBody) -> JSONResponse | StreamingResponse:
         if (body.prompt is None) == (body.messages is None):
             return error_response(400, "invalid_request", "give exactly one of prompt and messages")
-        fields = body.model_dump(exclude={"model", "prompt", "messages"})
+        fields = body.model_dump(exclude={"model", "instance_id", "prompt", "messages"})
         fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop or []
         try:
             params = GenerationParams.model_validate(fields, strict=False)
@@ -89,7 +92,8 @@ def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
         if isinstance(prompt, tuple) and not prompt:
             return error_response(400, "invalid_request", "the prompt is empty")
         router = node.router
-        chosen = pick_instance(node.state, body.model, router.in_flight)
+        pinned = InstanceId(body.instance_id) if body.instance_id is not None else None
+        chosen = pick_instance(node.state, body.model, router.in_flight, pinned)
         if isinstance(chosen, NoInstance):
             if chosen.loading:
                 return error_response(

@@ -171,6 +171,10 @@ class RunnerSupervisor:
     def spec(self, runner_id: RunnerId) -> RunnerSpec:
         return self._get(runner_id).spec
 
+    def has_exited(self, runner_id: RunnerId) -> bool:
+        """Whether the runner's process has ended and been reaped (then it may be forgotten)."""
+        return self._get(runner_id).exited.is_set()
+
     def status(self, runner_id: RunnerId) -> RunnerStatus:
         return self._get(runner_id).status
 

@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from shoal.engine.sampling import SamplingParams
 from shoal.master.placement import reachable_host
+from shoal.master.shard_memory import stage_kv_bytes
 from shoal.runner.messages import SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerSpec
 from shoal.types import Command, CommandAccepted, CommandRejected, NodeId, State, WireMessage
@@ -42,6 +43,7 @@ from shoal.types.generation import (
 )
 from shoal.types.instance_ids import RunnerId, TaskId
 from shoal.types.instance_messages import ReportRunnerStatus
+from shoal.types.instances import Instance, ShardAssignment
 from shoal.types.runners import RunnerReady, RunnerRunning, RunnerShuttingDown, RunnerStatus, is_terminal
 from shoal.worker.plan import (
     DEFAULT_DEADLINES,
@@ -64,6 +66,7 @@ log = logging.getLogger("shoal.worker")
 UNROUTED_CHUNK_TTL_S = 30.0
 REPLICA_CATCH_UP_S = 1.0
 MAX_ERROR_CHARS = 4096
+KV_BLOCK_TOKENS: int = RunnerSpec.model_fields["block_size"].default
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,22 @@ class Worker:
         self._stopping: set[RunnerId] = set()
         self._routes: dict[TaskId, NodeId] = {}
         self._unrouted: dict[TaskId, tuple[float, list[TaskChunk]]] = {}
+        self.num_tasks_started = 0
+        self.num_tasks_cancelled = 0
+
+    def diagnostics(self) -> dict[str, object]:
+        """This node's runners as it sees them (finer than the cluster's coarse record) and task counts."""
+        supervisor = self._supervisor
+        runners = (
+            {r.runner_id: r.status.model_dump(mode="json") for r in supervisor.runners()}
+            if supervisor
+            else {}
+        )
+        return {
+            "runners": runners,
+            "tasks_started": self.num_tasks_started,
+            "tasks_cancelled": self.num_tasks_cancelled,
+        }
 
     async def run(self) -> None:
         config = SupervisorConfig(deadlines=self._settings.deadlines, runner_env=self._settings.runner_env)
@@ -150,6 +169,7 @@ class Worker:
                 action.instance.card.source,
                 tokenizer_cache_dir=str(self._settings.data_dir / "tokenizers"),
                 num_threads=self._settings.runner_threads,
+                max_model_len=_max_model_len(action.instance, action.shard),
             )
             log.info("starting runner %s (rank %d of %d)", spec.runner_id, spec.rank, spec.world_size)
             await supervisor.spawn(spec, env=self._group_env(state, action.instance.rendezvous.host))
@@ -175,6 +195,10 @@ class Worker:
             log.warning("failing runner %s: %s", action.runner_id, action.reason)
             await supervisor.fail(action.runner_id, action.reason)
         elif isinstance(action, ForgetRunner):
+            if not supervisor.has_exited(action.runner_id):
+                # It reported its end but its process is still exiting (the supervisor reaps it shortly).
+                await anyio.sleep(self._settings.tick_s)
+                return
             supervisor.forget(action.runner_id)
             self._stopping.discard(action.runner_id)
 
@@ -234,12 +258,13 @@ class Worker:
                 start.origin, start.task_id, [GenerationChunk(error=str(error)[:MAX_ERROR_CHARS])]
             )
             return
+        self.num_tasks_started += 1
         assert self._task_group is not None
         self._task_group.start_soon(self._stream, stream, start.origin, shard.rank == sampling_rank)
 
     def on_cancel(self, cancel: CancelGeneration) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel(cancel.task_id)
+        if self._supervisor is not None and self._supervisor.cancel(cancel.task_id):
+            self.num_tasks_cancelled += 1
 
     async def _stream(self, stream: TaskStream, origin: NodeId, samples_here: bool) -> None:
         async for chunk in stream:
@@ -274,6 +299,14 @@ class Worker:
         except Exception:
             # Top of a task's delivery: the origin's own deadline ends its request if this never arrives.
             log.exception("could not send chunks of task %s to %s", task_id, origin)
+
+
+def _max_model_len(instance: Instance, shard: ShardAssignment) -> int:
+    """The longest sequence the shard's KV budget holds (placement sized it for the headroom tokens),
+    capped at the model's context; the runner refuses a budget that cannot hold one such sequence."""
+    per_token = stage_kv_bytes(instance.card, shard.num_layers, 1, shard.tp_size)
+    tokens = shard.kv_cache_bytes // per_token if per_token else instance.card.context_length
+    return max(1, min(instance.card.context_length, tokens - tokens % KV_BLOCK_TOKENS))
 
 
 def _task_prompt(start: StartGeneration) -> TaskPrompt:
