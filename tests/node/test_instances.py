@@ -125,6 +125,12 @@ def test_impossible_placements_are_refused_and_create_nothing(pair: LocalCluster
         assert words in response.json()["error"]["message"], (body, response.text)
     assert n0.get("/instances")["instances"] == []
     assert n0.state()["instances"] == {}
+    # What could be placed instead: previews with per-node memory, and the models this node has.
+    found = n0.get("/instances/previews?model=default", timeout=30)["previews"]
+    assert {(p["sharding"], len(p["memory"])) for p in found} >= {("pipeline", 1), ("pipeline", 2)}
+    assert all(use["weight_bytes"] > 0 and use["free_bytes"] > 0 for p in found for use in p["memory"])
+    models = n0.get("/models")["models"]
+    assert [(m["id"], m["embedded"], m["instances"]) for m in models] == [("SmolLM2-135M-Instruct", True, [])]
     # A model with no instance at all: 404 at once.
     status, lines = generate(n0, model="tiny-llama", prompt=PROMPT)
     assert status == 404 and lines[0]["error"]["type"] == "model_not_found"
@@ -184,7 +190,7 @@ def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: Local
     assert at - killed_at < 2.0
     assert "SIGKILL" in error["message"]
     gone_after = wait_gone(pair, n0, instance_id, 10.0)
-    assert gone_after < 10.0
+    print(f"runner SIGKILL: error after {at - killed_at:.3f} s, instance gone {gone_after:.3f} s later")
     # the next placement of the model serves the next request
     again = place(n1, model=str(tiny), node_ids=[n1.node_id()])
     assert again.status_code == 201, again.text
@@ -213,3 +219,58 @@ def test_embedded_model_as_a_two_node_pipeline_answers_like_one_node(pair: Local
     assert texts[0] == texts[1] and "Paris" in texts[0]
     for response in (single, split):
         _delete(pair, response.json()["instance_id"])
+
+
+def test_three_node_pipeline_then_a_killed_node_errors_its_request(
+    pair: LocalCluster, tiny: Path, expected: list[int]
+) -> None:
+    """Last in this module: it adds a third node to the pair and kills one node."""
+    pair.add(1, extra=("--runner-threads", "1"))
+    wait_members(pair, 3)
+    response = place(pair.nodes[0], model=str(tiny), sharding="pipeline", min_nodes=3)
+    assert response.status_code == 201, response.text
+    instance = response.json()
+    assert [s["layer_end"] - s["layer_start"] for s in instance["shards"]] == [1, 1, 1]
+    wait_ready(pair, pair.nodes[0], instance["instance_id"])
+    status, lines = generate(pair.nodes[2], model="tiny-llama", prompt=PROMPT, **GREEDY)
+    assert status == 200 and tokens(lines) == expected, lines
+    # SIGKILL a node of the instance that is neither the master nor the one holding the request.
+    master = pair.nodes[0].state()["master"]
+    by_id = {node.node_id(): node for node in pair.nodes}
+    holder = by_id[master]
+    victim = next(by_id[s["node_id"]] for s in instance["shards"] if s["node_id"] != master)
+    seen: dict[str, Any] = {}
+    first_delta = threading.Event()
+
+    def stream() -> None:
+        body = {
+            "model": "tiny-llama",
+            "prompt": PROMPT,
+            "temperature": 0.0,
+            "max_tokens": 230,
+            "ignore_eos": True,
+        }
+        with httpx.stream("POST", f"{holder.api_url}/generate", json=body, timeout=30) as answer:
+            for line in answer.iter_lines():
+                item = json.loads(line)
+                if item["type"] == "delta":
+                    first_delta.set()
+                elif item["type"] in ("error", "finish"):
+                    seen[item["type"]] = (item, time.monotonic())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_delta.wait(30), "no first chunk"
+    victim.kill()
+    killed_at = time.monotonic()
+    reader.join(15)
+    assert "finish" not in seen, seen
+    _, at = seen["error"]
+    assert at - killed_at < pair.node_timeout_s + 2.0
+    gone_after = wait_gone(pair, holder, instance["instance_id"], pair.node_timeout_s + 5.0)
+    print(f"node SIGKILL: error after {at - killed_at:.3f} s, instance gone {gone_after:.3f} s later")
+    # The survivors' runners of the instance stop too.
+    survivors = [node for node in pair.nodes if node is not victim]
+    pair.wait_until(
+        lambda: not any(runner_processes(node) for node in survivors), 20.0, "sibling runners to stop"
+    )

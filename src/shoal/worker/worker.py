@@ -65,6 +65,7 @@ log = logging.getLogger("shoal.worker")
 # Chunks of a task whose StartGeneration has not reached this (sampling) node yet wait this long.
 UNROUTED_CHUNK_TTL_S = 30.0
 REPLICA_CATCH_UP_S = 1.0
+MAX_ROUTES = 100_000
 MAX_ERROR_CHARS = 4096
 KV_BLOCK_TOKENS: int = RunnerSpec.model_fields["block_size"].default
 
@@ -242,6 +243,8 @@ class Worker:
         sampling_rank = instance.shards[-1].rank if instance.sharding == "pipeline" else 0
         if shard.rank == sampling_rank and shard.rank != 0:
             self._routes[start.task_id] = start.origin
+            while len(self._routes) > MAX_ROUTES:  # tasks whose end never came here (rank 0 refused them)
+                del self._routes[next(iter(self._routes))]
             waiting = self._unrouted.pop(start.task_id, None)
             if waiting is not None:
                 for chunk in waiting[1]:
