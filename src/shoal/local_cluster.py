@@ -6,6 +6,7 @@ endpoints to the others, so nothing leaves the machine. `stop_all` always kills 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ class LocalNode:
     port: int
     api_port: int
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     process: subprocess.Popen[bytes] | None = None
     _log_file: Any = field(default=None, repr=False)
 
@@ -50,7 +52,9 @@ class LocalNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("ab")
         command = [sys.executable, "-m", "shoal.cli", "node", *self.args]
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -99,7 +103,13 @@ class LocalCluster:
     nodes: list[LocalNode] = field(default_factory=list)
 
     def add(
-        self, num: int = 1, *, cluster_key: str | None = None, extra: tuple[str, ...] = (), start: bool = True
+        self,
+        num: int = 1,
+        *,
+        cluster_key: str | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        start: bool = True,
     ) -> list[LocalNode]:
         """Create (and start) `num` nodes that peer with every node created before them and each other."""
         new = [
@@ -109,6 +119,7 @@ class LocalCluster:
                 port=free_port(),
                 api_port=free_port(),
                 args=[],
+                env=dict(env or {}),
             )
             for i in range(num)
         ]

@@ -75,6 +75,7 @@ from shoal.types import (
     encode_wire_message,
 )
 from shoal.types.generation import CancelGeneration, GenerationChunks, StartGeneration
+from shoal.worker.plan import DEFAULT_DEADLINES, StageDeadlines
 from shoal.worker.profile import ProfileGatherer, read_network_interfaces
 from shoal.worker.worker import Worker, WorkerSettings
 
@@ -98,6 +99,7 @@ class NodeSettings:
     command_timeout_s: float = 5.0
     profile_update_interval_s: float = 5.0
     runner_threads: int | None = None
+    runner_deadlines: StageDeadlines = DEFAULT_DEADLINES
     first_chunk_timeout_s: float = 60.0
 
     @property
@@ -157,7 +159,11 @@ class Node:
         )
         self.worker = Worker(
             node_id,
-            WorkerSettings(data_dir=settings.data_dir, runner_threads=settings.runner_threads),
+            WorkerSettings(
+                data_dir=settings.data_dir,
+                runner_threads=settings.runner_threads,
+                deadlines=settings.runner_deadlines,
+            ),
             lambda: self.replica.state,
             self.submit,
             self._send,

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,16 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return number
+
+
+STAGES = ("idle", "connecting", "connected", "loading", "loaded", "warming_up", "shutting_down")
+
+
+def _stage_deadline(value: str) -> tuple[str, float]:
+    stage, _, seconds = value.partition("=")
+    if stage not in STAGES:
+        raise argparse.ArgumentTypeError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    return stage, _positive(seconds)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,6 +107,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="torch threads per runner process (default: torch's own choice)",
     )
+    parser.add_argument(
+        "--runner-deadline",
+        action="append",
+        default=[],
+        type=_stage_deadline,
+        metavar="STAGE=SECONDS",
+        help="seconds a runner may spend in a stage before it is failed (repeatable; stages: "
+        + ", ".join(STAGES)
+        + ")",
+    )
     parser.add_argument("--no-multicast", action="store_true", help="no multicast discovery: use --peer only")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(run=run)
@@ -103,6 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def build_settings(args: argparse.Namespace) -> NodeSettings:
     from shoal.node import NodeSettings
+    from shoal.worker.plan import DEFAULT_DEADLINES
 
     peers = tuple(args.peer)
     listen_host = args.listen_host
@@ -131,6 +153,7 @@ def build_settings(args: argparse.Namespace) -> NodeSettings:
         heartbeat_interval_s=args.heartbeat_interval,
         force_master=args.force_master,
         runner_threads=args.runner_threads,
+        runner_deadlines=replace(DEFAULT_DEADLINES, **dict(args.runner_deadline)),
     )
 
 
