@@ -131,9 +131,18 @@ def test_impossible_placements_are_refused_and_create_nothing(pair: LocalCluster
     assert all(use["weight_bytes"] > 0 and use["free_bytes"] > 0 for p in found for use in p["memory"])
     models = n0.get("/models")["models"]
     assert [(m["id"], m["embedded"], m["instances"]) for m in models] == [("SmolLM2-135M-Instruct", True, [])]
-    # A model with no instance at all: 404 at once.
+    # A model with no instance at all: 404 at once; bad requests are refused before any routing.
     status, lines = generate(n0, model="tiny-llama", prompt=PROMPT)
     assert status == 404 and lines[0]["error"]["type"] == "model_not_found"
+    bad_requests: list[tuple[dict[str, Any], int, str]] = [
+        ({"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
+        ({"prompt": PROMPT, "messages": [{"role": "user", "content": "x"}]}, 400, "exactly one"),
+        ({"prompt": []}, 400, "empty"),
+        ({"prompt": PROMPT, "max_tokens": "many"}, 422, "max_tokens"),
+    ]
+    for body, status, words in bad_requests:
+        status_got, lines = generate(n0, model="tiny-llama", **body)
+        assert status_got == status and words in lines[0]["error"]["message"], (body, lines)
 
 
 def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: LocalCluster, tiny: Path) -> None:

@@ -15,6 +15,7 @@ A client that disconnects cancels the task on its runner.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from shoal.types.generation import ChatMessage, GenerationParams, Prompt
 from shoal.types.instance_ids import InstanceId
 
 RETRY_AFTER_S = 2
+log = logging.getLogger(__name__)
 
 
 class GenerateNode(Protocol):
@@ -115,9 +117,14 @@ def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
                             "completion_tokens": chunk.completion_tokens,
                         }
                         yield _line({"type": "finish", "finish_reason": chunk.finish_reason, "usage": usage})
-                yield _line({"type": "end"})
+            except Exception as error:
+                # The top of this request's stream: whatever broke (e.g. the transport closing) reaches the
+                # client as an error line, never as a silently cut stream.
+                log.exception("generation stream on instance %s failed", chosen.instance_id)
+                yield _line({"type": "error", "message": f"{type(error).__name__}: {error}"})
             finally:
                 await chunks.aclose()  # a client that left: the router cancels the task on its runner
+            yield _line({"type": "end"})
 
         return StreamingResponse(
             stream(),
