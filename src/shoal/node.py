@@ -75,6 +75,7 @@ from shoal.types import (
     encode_wire_message,
 )
 from shoal.types.generation import CancelGeneration, GenerationChunks, StartGeneration
+from shoal.worker.downloads import Downloader, DownloadSettings
 from shoal.worker.plan import DEFAULT_DEADLINES, StageDeadlines
 from shoal.worker.profile import ProfileGatherer, read_network_interfaces
 from shoal.worker.worker import Worker, WorkerSettings
@@ -101,6 +102,8 @@ class NodeSettings:
     runner_threads: int | None = None
     runner_deadlines: StageDeadlines = DEFAULT_DEADLINES
     first_chunk_timeout_s: float = 60.0
+    hub_endpoint: str | None = None
+    offline: bool = False
 
     @property
     def models_dir(self) -> Path:
@@ -151,6 +154,9 @@ class Node:
         self._spoke = False  # sent a frame yet: until then a heartbeat under our id proves a clash
         self.quarantined = False
         self.identity_clash: dict[str, Any] | None = None
+        self.downloader = Downloader(
+            DownloadSettings(settings.models_dir, endpoint=settings.hub_endpoint, offline=settings.offline)
+        )
         self.router = TaskRouter(
             node_id,
             RouterSettings(first_chunk_timeout_s=settings.first_chunk_timeout_s),
@@ -248,6 +254,7 @@ class Node:
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._control, tg)
                 tg.start_soon(self.worker.run)
+                tg.start_soon(self.downloader.run)
         finally:
             server.should_exit = True
             self.feed.close()

@@ -4,7 +4,8 @@ GET /health (503 with status "identity_clash" while the node is silenced by a cl
 indexed events, optionally replaying from `from_index`), POST /nodes/{node_id}/labels and
 DELETE /nodes/{node_id}/labels/{key} (commands submitted through the master; the answer is the master's:
 200 with the indices, 409 with its rejection reason, or 503 when no master answered before the deadline).
-Instances and models: see `shoal.api.instances`; generation: `shoal.api.generate`.
+Instances and models: see `shoal.api.instances`; downloads: `shoal.api.downloads`; generation:
+`shoal.api.generate`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from shoal.api.downloads import add_download_routes
 from shoal.api.errors import error_response, invalid_response
 from shoal.api.generate import add_generate_route
 from shoal.api.instances import add_instance_routes
@@ -35,6 +37,7 @@ from shoal.types import (
     SetNodeLabel,
     State,
 )
+from shoal.worker.downloads import Downloader
 
 SSE_KEEPALIVE_S = 10.0
 BACKLOG_CHUNK = 500
@@ -59,6 +62,9 @@ class ClusterNode(Protocol):
 
     @property
     def router(self) -> TaskRouter: ...
+
+    @property
+    def downloader(self) -> Downloader: ...
 
 
 class LabelBody(BaseModel):
@@ -163,4 +169,5 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
 
     add_instance_routes(app, node, command_timeout_s)
     add_generate_route(app, node)
+    add_download_routes(app, node)
     return app

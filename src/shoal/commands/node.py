@@ -17,6 +17,8 @@ DEFAULT_CLUSTER = "shoal"
 DEFAULT_PORT = 7447
 DEFAULT_API_PORT = 52416
 CLUSTER_KEY_ENV = "SHOAL_CLUSTER_KEY"
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 if TYPE_CHECKING:
     from shoal.node import NodeSettings
@@ -117,6 +119,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         + ", ".join(STAGES)
         + ")",
     )
+    parser.add_argument(
+        "--hub-endpoint",
+        default=None,
+        help=f"Hugging Face hub to download models from (or env {HUB_ENDPOINT_ENV}; default: huggingface.co)",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help=f"download nothing (also with env {HUB_OFFLINE_ENV}=1): only local models",
+    )
     parser.add_argument("--no-multicast", action="store_true", help="no multicast discovery: use --peer only")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(run=run)
@@ -154,6 +166,8 @@ def build_settings(args: argparse.Namespace) -> NodeSettings:
         force_master=args.force_master,
         runner_threads=args.runner_threads,
         runner_deadlines=replace(DEFAULT_DEADLINES, **dict(args.runner_deadline)),
+        hub_endpoint=args.hub_endpoint or os.environ.get(HUB_ENDPOINT_ENV) or None,
+        offline=args.offline or os.environ.get(HUB_OFFLINE_ENV, "").lower() in ("1", "true", "yes"),
     )
 
 
