@@ -4,7 +4,8 @@ For each weight mode (bf16 "none", and the quant module's "auto" when it is ther
 (1, 4, 16 by default): prefills the streams, then times greedy decode steps through the whole engine
 (schedule, runner, sampler, postprocess) and prints the median step time, the aggregate tok/s, and the
 median split of a step into runner prepare / layers / LM head / the rest (sampler, scheduler,
-detokenization). `--profile` adds torch.profiler's top operators for one-stream decode.
+detokenization), and the median CPU time of the calling thread per step: with 1 thread that is the
+figure to compare between runs on a shared machine, where wall times swing by a third with the load. `--profile` adds torch.profiler's top operators for one-stream decode.
 
     .venv/bin/python bench/decode_profile.py [--threads 1] [--streams 1,4,16] [--modes none,auto]
 """
@@ -61,15 +62,22 @@ def run_streams(engine: LLMEngine, timer: StepTimer, streams: int, steps: int) -
         engine.step()
     engine.step()  # first decode step: warm-up
     timer.reset()
-    step_times = []
+    step_times, cpu_times = [], []
     while engine.has_unfinished():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         outputs = engine.step()
         if outputs and all(o.token_ids for o in outputs) and len(outputs) == streams:
             step_times.append(time.perf_counter() - start)
+            cpu_times.append(time.thread_time() - cpu_start)
     med = {k: statistics.median(v) * 1e3 if v else 0.0 for k, v in timer.samples.items()}
     step = statistics.median(step_times) * 1e3
-    return {"step_ms": step, **med, "other": step - sum(med.values()), "tok_s": streams * 1e3 / step}
+    return {
+        "step_ms": step,
+        "cpu_ms": statistics.median(cpu_times) * 1e3,
+        **med,
+        "other": step - sum(med.values()),
+        "tok_s": streams * 1e3 / step,
+    }
 
 
 def profile_one(engine: LLMEngine, steps: int) -> None:
@@ -116,7 +124,7 @@ def main() -> None:
             print(
                 f"{mode:>5} streams={streams:>2}: step {r['step_ms']:6.2f} ms = prepare {r['prepare']:5.2f}"
                 f" + layers {r['layers']:6.2f} + head {r['head']:5.2f} + other {r['other']:5.2f}"
-                f"  -> {r['tok_s']:6.1f} tok/s",
+                f"  -> {r['tok_s']:6.1f} tok/s (this thread's CPU time per step {r['cpu_ms']:6.2f} ms)",
                 flush=True,
             )
         if args.profile:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from shoal.engine.batch import ScheduledChunk
-from shoal.engine.model_runner import ModelRunner
+from shoal.engine.model_runner import ModelRunner, ThreadPolicy
 from tests.engine.tiny_models import write_tiny_model
 
 ATOL = 1e-4
@@ -112,3 +113,30 @@ def test_non_last_stage_needs_hidden_states(tiny: tuple[Path, object]) -> None:
     runner = make_runner(tiny[0], shard=ShardSpec(layer_start=1))
     with pytest.raises(ValueError, match="hidden_states"):
         runner.execute([ScheduledChunk(0, (5, 6), 0, (0,), sample=True)])
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_thread_policy_picks_threads_by_step_size(tiny: tuple[Path, object], restore_threads: None) -> None:
+    path, hf_model = tiny
+    policy = ThreadPolicy(small_step_threads=1, large_step_threads=2, large_step_min_tokens=4)
+    runner = make_runner(path, threads=policy)
+    prompt = ids(6, seed=7)
+    table = (0, 1, 2)
+    runner.execute([ScheduledChunk(0, tuple(prompt[:5]), 0, table, sample=False)])
+    assert torch.get_num_threads() == 2
+    logits = runner.execute([ScheduledChunk(0, (prompt[5],), 5, table, sample=True)])
+    assert torch.get_num_threads() == 1
+    torch.testing.assert_close(logits[0], hf_logits(hf_model, prompt)[-1], atol=ATOL, rtol=0)
+
+
+def test_thread_policy_refuses_zero_threads() -> None:
+    with pytest.raises(ValueError, match="at least one thread"):
+        ThreadPolicy(small_step_threads=0)
+    with pytest.raises(ValueError, match="at least one thread"):
+        ThreadPolicy(large_step_threads=0)

@@ -21,7 +21,7 @@ from shoal.engine.batch import ScheduledChunk
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import ModelConfig
 from shoal.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
-from shoal.engine.model_runner import DEFAULT_KV_CACHE_BYTES, ModelRunner
+from shoal.engine.model_runner import DEFAULT_KV_CACHE_BYTES, ModelRunner, ThreadPolicy
 from shoal.engine.output_processor import FINISH_ABORT, OutputProcessor, RequestOutput
 from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
@@ -224,8 +224,13 @@ def load_engine(
     max_model_len: int | None = None,
     config: EngineConfig | None = None,
     tokenizer_cache_dir: Path | None = None,
+    threads: ThreadPolicy | None = ThreadPolicy(),  # noqa: B008 (frozen, so a shared default is safe)
 ) -> LLMEngine:
-    """Tokenizer first (a bad path fails fast, before any weight is read), then the model runner."""
+    """Tokenizer first (a bad path fails fast, before any weight is read), then the model runner.
+
+    `threads`: the CPU thread policy per step (default: decode steps on 1 thread, prefill on all of
+    torch's threads; see ThreadPolicy); None leaves torch's thread count alone.
+    """
     config = config or EngineConfig()
     tokenizer = load_tokenizer(Path(model_path), cache_dir=tokenizer_cache_dir)
     runner = ModelRunner(
@@ -235,6 +240,7 @@ def load_engine(
         kv_cache_bytes=kv_cache_bytes,
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens,
+        threads=threads,
     )
     return LLMEngine(runner, tokenizer, config)
 

@@ -115,6 +115,11 @@ class PagedAttention(nn.Module):
         k_g = kv_g[0].view(b * hkv, length, d)  # (B * Hkv, L, D)
         v_g = kv_g[1].view(b * hkv, length, d)
         scores = torch.baddbmm(group.mask, q_g, k_g.transpose(1, 2), alpha=self.scale)  # (B * Hkv, G, L)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+        # softmax in fp32 (as HF); asking for the dtype it already has still costs a cast on CPU
+        probs = (
+            torch.softmax(scores, dim=-1)
+            if compute == torch.float32
+            else torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+        )
         out = torch.bmm(probs, v_g)  # (B * Hkv, G, D)
         return out.to(q.dtype).view(b, 1, self.num_heads, d)  # (B, 1, H, D)
