@@ -40,8 +40,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 class RotaryEmbedding(nn.Module):
-    cos: torch.Tensor  # (max_positions, head_dim/2)
-    sin: torch.Tensor
+    cos: torch.Tensor  # (max_positions, head_dim): [cos, cos]
+    sin: torch.Tensor  # (max_positions, head_dim): [-sin, sin], rotate_half's sign folded in
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype
@@ -49,19 +49,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, head_dim/2)
-        self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1).to(dtype), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1).to(dtype), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, 1, head_dim) cos and sign-folded sin for `apply_rotary`, broadcasting over heads."""
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, head_dim/2) each
-        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (T, H, head_dim) -> x * cos + rotate_half(x) * sin, with rotate_half's sign folded into `sin`.
 
     Rolling the last dim by head_dim/2 turns [x1, x2] into [x2, x1]; times [-sin, sin] that is
-    [-x2 sin, x1 sin], HF's rotate_half(x) * sin, in three kernels instead of seven.
+    [-x2 sin, x1 sin], HF's rotate_half(x) * sin, in three kernels instead of seven. `out` may be x
+    itself (rotation in place: both operands of the last kernel are temporaries).
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    rotated = x.roll(x.shape[-1] // 2, dims=-1)
+    if out is None:
+        return torch.addcmul(x * cos, rotated, sin)
+    return torch.addcmul(x * cos, rotated, sin, out=out)

@@ -73,11 +73,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
             k = qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim)
-            q.copy_(apply_rotary(self.q_norm(q), cos, sin))
-            k.copy_(apply_rotary(self.k_norm(k), cos, sin))
+            apply_rotary(self.q_norm(q), cos, sin, out=q)
+            apply_rotary(self.k_norm(k), cos, sin, out=k)
         else:  # rotate q and k heads in one go: fewer, larger elementwise kernels
             qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk.copy_(apply_rotary(qk, cos, sin))
+            apply_rotary(qk, cos, sin, out=qk)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = self.attn(q, kv, kv_cache, meta)  # (T, H * D)
@@ -169,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],  # one per held layer
     ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
-        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D/2) each
+        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) each
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, meta, kv_cache)
         return h
