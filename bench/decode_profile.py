@@ -7,7 +7,10 @@ median split of a step into runner prepare / layers / LM head / the rest (sample
 detokenization), and the median CPU time of the calling thread per step: with 1 thread that is the
 figure to compare between runs on a shared machine, where wall times swing by a third with the load. `--profile` adds torch.profiler's top operators for one-stream decode.
 
-    .venv/bin/python bench/decode_profile.py [--threads 1] [--streams 1,4,16] [--modes none,auto]
+    .venv/bin/python bench/decode_profile.py [--threads 1] [--streams 1,4,16] [--modes none,auto] [--compile]
+
+With --compile the first decode steps of each new batch size compile (seconds); the timed steps
+follow a warm-up step, so run with the stream counts in the order you want them compiled.
 """
 
 from __future__ import annotations
@@ -102,13 +105,20 @@ def main() -> None:
     parser.add_argument("--modes", default="none,auto")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed per stream count")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table for 1 stream")
+    parser.add_argument("--compile", action="store_true", help="torch.compile'd decode layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = embedded_model_path()
     tokenizer = load_tokenizer(path)
     print(f"threads={torch.get_num_threads()} steps={args.steps}")
     for mode in args.modes.split(","):
-        runner = ModelRunner(path, kv_cache_bytes=256 << 20, max_model_len=2048, max_num_batched_tokens=2048)
+        runner = ModelRunner(
+            path,
+            kv_cache_bytes=256 << 20,
+            max_model_len=2048,
+            max_num_batched_tokens=2048,
+            compile_decode=args.compile,
+        )
         if mode != "none":
             try:
                 from shoal.engine.quant import quantize_model

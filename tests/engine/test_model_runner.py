@@ -140,3 +140,21 @@ def test_thread_policy_refuses_zero_threads() -> None:
         ThreadPolicy(small_step_threads=0)
     with pytest.raises(ValueError, match="at least one thread"):
         ThreadPolicy(large_step_threads=0)
+
+
+# inductor's own imports use the deprecated torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
+    path, hf_model = tiny
+    runner = make_runner(path, compile_decode=True)
+    prompts = {0: ids(7, seed=11), 1: ids(4, seed=12)}
+    tables = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
+    runner.execute([ScheduledChunk(s, tuple(p[:-3]), 0, tables[s], sample=False) for s, p in prompts.items()])
+    for back in (3, 2, 1):  # decode-only steps of two sequences of different lengths (padded context)
+        chunks = [
+            ScheduledChunk(s, (p[-back],), len(p) - back, tables[s], sample=True) for s, p in prompts.items()
+        ]
+        logits = runner.execute(chunks)
+        for row, p in enumerate(prompts.values()):
+            expected = hf_logits(hf_model, p[: len(p) - back + 1])[-1]
+            torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)

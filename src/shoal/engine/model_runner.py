@@ -64,8 +64,11 @@ class ModelRunner:
         max_num_batched_tokens: int = 8192,
         max_model_len: int | None = None,
         threads: ThreadPolicy | None = None,
+        compile_decode: bool = False,
     ) -> None:
-        """`threads`: how many CPU threads each step uses (see ThreadPolicy); None leaves torch's setting."""
+        """`threads`: how many CPU threads each step uses (see ThreadPolicy); None leaves torch's setting.
+        `compile_decode`: run decode-only steps through torch.compile'd layers (see
+        `LlamaForCausalLM.compile_decode`; compiles lazily, a few seconds per new shape family)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
@@ -83,6 +86,8 @@ class ModelRunner:
         )
         self.num_kv_blocks = self._num_kv_blocks(kv_cache_bytes)
         self.model = load_model(model_path, self.shard, dtype, self.device, communicator, source=source)
+        if compile_decode:
+            self.model.compile_decode()
         num_layers = len(self.model.layers)
         kv_heads = self.config.num_kv_heads // self.shard.tp_size
         self.num_kv_heads = kv_heads  # local
@@ -195,7 +200,11 @@ class ModelRunner:
             contiguous = last - first + 1 == len(decode_rows)
             rows = slice(first, last + 1) if contiguous else torch.tensor(decode_rows, device=self.device)
             groups.append(self._context_group(rows, decode_chunks))
-        meta = AttentionMetadata(torch.tensor(slots, device=self.device), tuple(groups))
+        meta = AttentionMetadata(
+            torch.tensor(slots, device=self.device),
+            tuple(groups),
+            decode_only=len(decode_chunks) == len(chunks),
+        )
         return (
             torch.tensor(token_ids, device=self.device),
             torch.tensor(positions, device=self.device),

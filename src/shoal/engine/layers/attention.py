@@ -49,6 +49,7 @@ class AttentionGroup:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 cache slot of each new token
     groups: tuple[AttentionGroup, ...]
+    decode_only: bool = False  # every query is a sequence's one new token (one decode group)
 
 
 class PagedAttention(nn.Module):

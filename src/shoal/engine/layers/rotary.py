@@ -58,16 +58,10 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, head_dim) -> x * cos + rotate_half(x) * sin, with rotate_half's sign folded into `sin`.
 
     Rolling the last dim by head_dim/2 turns [x1, x2] into [x2, x1]; times [-sin, sin] that is
-    [-x2 sin, x1 sin], HF's rotate_half(x) * sin, in three kernels instead of seven. `out` may be x
-    itself (rotation in place: both operands of the last kernel are temporaries).
+    [-x2 sin, x1 sin], HF's rotate_half(x) * sin, in three kernels instead of seven.
     """
-    rotated = x.roll(x.shape[-1] // 2, dims=-1)
-    if out is None:
-        return torch.addcmul(x * cos, rotated, sin)
-    return torch.addcmul(x * cos, rotated, sin, out=out)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)

@@ -10,6 +10,8 @@ tensor-parallel size: the parallel layers hold only their rank's heads and MLP c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,11 +75,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
             k = qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim)
-            apply_rotary(self.q_norm(q), cos, sin, out=q)
-            apply_rotary(self.k_norm(k), cos, sin, out=k)
+            q.copy_(apply_rotary(self.q_norm(q), cos, sin))
+            k.copy_(apply_rotary(self.k_norm(k), cos, sin))
         else:  # rotate q and k heads in one go: fewer, larger elementwise kernels
             qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            apply_rotary(qk, cos, sin, out=qk)
+            qk.copy_(apply_rotary(qk, cos, sin))  # (dynamo refuses a strided out=)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = self.attn(q, kv, kv_cache, meta)  # (T, H * D)
@@ -155,6 +157,19 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, dtype
         )
+        self._decode_layer: Callable[..., torch.Tensor] | None = None
+
+    def compile_decode(self) -> None:
+        """Run the layers of decode-only steps through one torch.compile'd `LlamaDecoderLayer.forward`.
+
+        A decode step is a few hundred tiny kernels whose dispatch costs more than their work on CPU;
+        inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
+        and calls the weight kernels as they are. One graph serves every layer (weights are inputs), and
+        after the first change of batch size or context length the shapes are symbolic, so a server
+        compiles about three times (~5 s each on the 2-core dev box, where it makes the layers ~25%
+        faster). Prefill and mixed steps stay eager: their time is in the GEMMs.
+        """
+        self._decode_layer = torch.compile(LlamaDecoderLayer.forward)
 
     @property
     def num_layers_end(self) -> int:
@@ -170,8 +185,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) each
+        compiled = self._decode_layer if meta.decode_only else None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, meta, kv_cache)
+            h = (
+                layer(h, cos, sin, meta, kv_cache)
+                if compiled is None
+                else compiled(layer, h, cos, sin, meta, kv_cache)
+            )
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
