@@ -68,9 +68,10 @@ def test_new_link_rtt_counts_but_jitter_does_not() -> None:
     assert membership_events(state, slow, None, 100.0, INTERVAL) == [
         NodeProfileUpdated(node_id=A, profile=slow)
     ]
-    # a new peer in the map is structural
+    # a new peer in the map counts as a moved resource: rate-limited, not immediate
     extra = make_profile("a", link_rtts_ms={NodeId("b"): 1.0, NodeId("c"): 1.0})
-    assert membership_events(state, extra, 99.0, 100.0, INTERVAL) == [
+    assert membership_events(state, extra, 99.0, 100.0, INTERVAL) == []
+    assert membership_events(state, extra, 100.0 - INTERVAL, 100.0, INTERVAL) == [
         NodeProfileUpdated(node_id=A, profile=extra)
     ]
 

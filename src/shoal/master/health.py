@@ -2,8 +2,9 @@
 
 - `membership_events`: a heartbeat from a node the state does not know (or knows as timed out) becomes
   NodeJoined; a changed profile becomes NodeProfileUpdated — at once when something structural changed
-  (hostname, GPUs, API address, ...), otherwise only when a resource moved noticeably and at most once per
-  `min_update_interval_s`, so the log does not grow with every heartbeat.
+  (hostname, GPUs, API address, ...), otherwise only when a resource moved noticeably (links to new peers
+  included) and at most once per `min_update_interval_s`, so the log does not grow with every heartbeat, nor
+  churn while a cluster forms and every node measures its links one by one.
 - `silent_nodes`: active nodes not heard from for longer than the node timeout.
 """
 
@@ -28,7 +29,7 @@ def _structural(profile: NodeProfile) -> NodeProfile:
             "memory_available_bytes": 0,
             "disk_free_bytes": 0,
             "gpus": gpus,
-            "link_rtts_ms": dict.fromkeys(profile.link_rtts_ms, 0.0),
+            "link_rtts_ms": {},
         }
     )
 
