@@ -17,7 +17,9 @@ import torch
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.errors import ShoalError
 from shoal.engine.llm_engine import EngineConfig, LLMEngine, Prompt, load_engine
+from shoal.engine.model_runner import ModelRunner
 from shoal.engine.output_processor import RequestOutput
+from shoal.engine.quant import QUANT_MODES, quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import default_cache_dir
 
@@ -43,7 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--dtype",
         choices=["auto", *_DTYPES],
         default="auto",
-        help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+        help="compute dtype (auto: bfloat16, or float32 on CPU with --quant none)",
+    )
+    parser.add_argument(
+        "--quant",
+        choices=QUANT_MODES,
+        default="auto",
+        help="weight-only quantization (auto: the most compact format that keeps the weights accurate)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
@@ -84,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> LLMEngine:
     model_path = Path(args.model).expanduser() if args.model else embedded_model_path()
     if args.dtype == "auto":
-        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        # The quantized kernels compute in bf16; unquantized CPU matmuls are no faster in bf16 than fp32 here.
+        dtype = torch.float32 if args.device == "cpu" and args.quant == "none" else torch.bfloat16
     else:
         dtype = _DTYPES[args.dtype]
-    return load_engine(
+    engine = load_engine(
         model_path,
         device=args.device,
         dtype=dtype,
@@ -96,6 +105,12 @@ def _load(args: argparse.Namespace) -> LLMEngine:
         config=EngineConfig(),
         tokenizer_cache_dir=default_cache_dir(),
     )
+    if args.quant != "none":
+        runner = engine.runner
+        assert isinstance(runner, ModelRunner)  # load_engine builds one
+        summary = quantize_model(runner.model, args.quant, device=args.device)
+        print(f"shoal generate: {summary.describe()}", file=sys.stderr)
+    return engine
 
 
 _request_ids = itertools.count()
