@@ -7,7 +7,7 @@ median split of a step into runner prepare / layers / LM head / the rest (sample
 detokenization), and the median CPU time of the calling thread per step: with 1 thread that is the
 figure to compare between runs on a shared machine, where wall times swing by a third with the load. `--profile` adds torch.profiler's top operators for one-stream decode.
 
-    .venv/bin/python bench/decode_profile.py [--threads 1] [--streams 1,4,16] [--modes none,auto] [--compile]
+    .venv/bin/python bench/decode_profile.py [--threads 1] [--decode-threads 1] [--streams 1,4,16] [--modes none,auto] [--compile]
 
 With --compile the first decode steps of each new batch size compile (seconds); the timed steps
 follow a warm-up step, so run with the stream counts in the order you want them compiled.
@@ -25,7 +25,7 @@ import torch
 
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.llm_engine import EngineConfig, LLMEngine
-from shoal.engine.model_runner import ModelRunner
+from shoal.engine.model_runner import ModelRunner, ThreadPolicy
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import load_tokenizer
 
@@ -83,6 +83,20 @@ def run_streams(engine: LLMEngine, timer: StepTimer, streams: int, steps: int) -
     }
 
 
+def time_to_first_token(engine: LLMEngine, num_tokens: int) -> float:
+    """Seconds from adding a `num_tokens` prompt to its first token (median of 3, after a warm-up)."""
+    prompt = list(range(1000, 1000 + num_tokens))  # plain ids: the prefix cache is off, all of it prefills
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for rep in range(4):
+        start = time.perf_counter()
+        engine.add_request(f"ttft-{num_tokens}-{rep}", prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def profile_one(engine: LLMEngine, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -100,17 +114,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads of steps with >= 64 tokens (prefill)")
+    parser.add_argument("--decode-threads", type=int, default=1, help="threads of smaller (decode) steps")
     parser.add_argument("--streams", default="1,4,16")
     parser.add_argument("--modes", default="none,auto")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed per stream count")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table for 1 stream")
     parser.add_argument("--compile", action="store_true", help="torch.compile'd decode layers")
+    parser.add_argument("--ttft", type=int, default=1000, help="prompt tokens for the TTFT line (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = embedded_model_path()
     tokenizer = load_tokenizer(path)
-    print(f"threads={torch.get_num_threads()} steps={args.steps}")
+    print(f"threads: {args.decode_threads} for decode steps, {args.threads} for prefill; steps={args.steps}")
     for mode in args.modes.split(","):
         runner = ModelRunner(
             path,
@@ -118,6 +134,7 @@ def main() -> None:
             max_model_len=2048,
             max_num_batched_tokens=2048,
             compile_decode=args.compile,
+            threads=ThreadPolicy(small_step_threads=args.decode_threads, large_step_threads=args.threads),
         )
         if mode != "none":
             try:
@@ -137,6 +154,9 @@ def main() -> None:
                 f"  -> {r['tok_s']:6.1f} tok/s (this thread's CPU time per step {r['cpu_ms']:6.2f} ms)",
                 flush=True,
             )
+        if args.ttft:
+            ttft = time_to_first_token(engine, args.ttft)
+            print(f"{mode:>5} time to first token, {args.ttft}-token prompt: {ttft * 1e3:.0f} ms", flush=True)
         if args.profile:
             profile_one(engine, args.steps)
 

@@ -225,11 +225,14 @@ def load_engine(
     config: EngineConfig | None = None,
     tokenizer_cache_dir: Path | None = None,
     threads: ThreadPolicy | None = ThreadPolicy(),  # noqa: B008 (frozen, so a shared default is safe)
+    compile_decode: bool = False,
 ) -> LLMEngine:
     """Tokenizer first (a bad path fails fast, before any weight is read), then the model runner.
 
     `threads`: the CPU thread policy per step (default: decode steps on 1 thread, prefill on all of
-    torch's threads; see ThreadPolicy); None leaves torch's thread count alone.
+    torch's threads; see ThreadPolicy); None leaves torch's thread count alone. `compile_decode`: run
+    decode steps through torch.compile'd layers (compiles lazily on the first decode steps; see
+    `LlamaForCausalLM.compile_decode`).
     """
     config = config or EngineConfig()
     tokenizer = load_tokenizer(Path(model_path), cache_dir=tokenizer_cache_dir)
@@ -241,6 +244,7 @@ def load_engine(
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens,
         threads=threads,
+        compile_decode=compile_decode,
     )
     return LLMEngine(runner, tokenizer, config)
 
