@@ -83,6 +83,7 @@ from shoal.worker.worker import Worker, WorkerSettings
 log = logging.getLogger("shoal.node")
 
 TOPIC = "cluster"
+PEER_WAIT_S = 10.0  # longest a node with --peer endpoints waits for a connection before it speaks
 CommandReply = CommandAccepted | CommandRejected
 
 
@@ -266,16 +267,27 @@ class Node:
     async def _listen_before_speaking(self, transport: Transport) -> None:
         """Hear the cluster before this node's first frame, long enough to hear a heartbeat under our own
         id if another process has it: `quiet_s`, and while peers are connected, until a heartbeat from one
-        of them shows that frames reach us, plus one more heartbeat interval (at most 6 x `quiet_s`)."""
+        of them shows that frames reach us, plus one more heartbeat interval (at most 6 x `quiet_s`, and at
+        least `quiet_s` after the first connection; with --peer endpoints, up to PEER_WAIT_S for it)."""
         interval = self.settings.heartbeat_interval_s
+        configured_peers = bool(self.settings.transport.connect)
         started = time.monotonic()
+        connected_at: float | None = None
         while not self.quarantined:
             now = time.monotonic()
-            if now - started >= 6 * self.settings.quiet_s:
+            if connected_at is None and transport.peers():
+                connected_at = now
+            if connected_at is None:
+                # --peer endpoints can take longer than quiet_s to connect on a busy machine; speaking
+                # before they do would let a copied identity go unnoticed. Connecting needs no one to speak.
+                waited_enough = now - started >= (PEER_WAIT_S if configured_peers else self.settings.quiet_s)
+                if waited_enough:
+                    return  # alone: nobody to clash with
+                await anyio.sleep(0.05)
+                continue
+            if now - started >= 6 * self.settings.quiet_s and now - connected_at >= self.settings.quiet_s:
                 return
             if now - started >= self.settings.quiet_s:
-                if not transport.peers():
-                    return  # alone: nobody to clash with
                 heard = self._first_peer_heard_at
                 if heard is not None and now - heard >= 1.5 * interval:
                     return
