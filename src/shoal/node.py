@@ -153,6 +153,7 @@ class Node:
         self._backoff = RoleBackoff()
         self._first_peer_heard_at: float | None = None
         self._spoke = False  # sent a frame yet: until then a heartbeat under our id proves a clash
+        self._listening = True  # the quiet start: answer nothing (not even pings) until it is over
         self.quarantined = False
         self.identity_clash: dict[str, Any] | None = None
         self.downloader = Downloader(
@@ -250,6 +251,7 @@ class Node:
                 await self._listen_before_speaking(transport)
                 if self.quarantined:
                     return  # the API and the receive loops stay up, so the clash can be seen
+                self._listening = False
                 self.election.settle_from(time.monotonic())
                 tg.start_soon(self._commands.run, self._send)
                 tg.start_soon(self._heartbeats)
@@ -493,7 +495,9 @@ class Node:
             for reply in message.replies:
                 self._commands.resolve(reply)
         elif isinstance(message, Ping):
-            if not self._claims_other_sender(sender, message.node_id):
+            # Peers ping every id they hear, so a copied identity would answer the original's pings (and
+            # so speak) before it could hear the original's heartbeat.
+            if not self._listening and not self._claims_other_sender(sender, message.node_id):
                 await self._send(
                     sender, Pong(node_id=self.node_id, ping_id=message.ping_id, sent_at=message.sent_at)
                 )
