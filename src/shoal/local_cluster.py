@@ -33,6 +33,7 @@ class LocalNode:
     api_port: int
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
+    api_key: str | None = None  # sent by `get` (and `headers`) when the node requires one
     process: subprocess.Popen[bytes] | None = None
     _log_file: Any = field(default=None, repr=False)
 
@@ -78,8 +79,12 @@ class LocalNode:
             self._log_file.close()
             self._log_file = None
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def get(self, path: str, timeout: float = 2.0) -> Any:
-        response = httpx.get(self.api_url + path, timeout=timeout)
+        response = httpx.get(self.api_url + path, timeout=timeout, headers=self.headers)
         response.raise_for_status()
         return response.json()
 
@@ -107,6 +112,7 @@ class LocalCluster:
         num: int = 1,
         *,
         cluster_key: str | None = None,
+        api_key: str | None = None,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         start: bool = True,
@@ -120,6 +126,7 @@ class LocalCluster:
                 api_port=free_port(),
                 args=[],
                 env=dict(env or {}),
+                api_key=api_key,
             )
             for i in range(num)
         ]
@@ -145,6 +152,8 @@ class LocalCluster:
             ]
             if cluster_key is not None:
                 node.args += ["--cluster-key", cluster_key]
+            if api_key is not None:
+                node.args += ["--api-key", api_key]
         self.nodes.extend(new)
         if start:
             for node in new:

@@ -105,6 +105,7 @@ class NodeSettings:
     first_chunk_timeout_s: float = 60.0
     hub_endpoint: str | None = None
     offline: bool = False
+    api_key: str | None = None  # required by every API route but /health when set
 
     @property
     def models_dir(self) -> Path:
@@ -239,7 +240,9 @@ class Node:
         self._transport = transport
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(self, self.settings.command_timeout_s), log_level="warning", lifespan="off"
+                create_app(self, self.settings.command_timeout_s, self.settings.api_key),
+                log_level="warning",
+                lifespan="off",
             )
         )
         try:

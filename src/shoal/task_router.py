@@ -30,6 +30,7 @@ from shoal.types.generation import (
     GenerationParams,
     Prompt,
     StartGeneration,
+    ToolSpec,
 )
 from shoal.types.instance_ids import InstanceId, TaskId, new_task_id
 from shoal.types.instances import Instance
@@ -76,9 +77,15 @@ class TaskRouter:
                 task.send.send_nowait(chunk)
 
     async def generate(
-        self, instance: Instance, prompt: Prompt, params: GenerationParams
-    ) -> AsyncGenerator[GenerationChunk, None]:
-        """The task's chunks, ending with its last one (finish_reason or error)."""
+        self,
+        instance: Instance,
+        prompt: Prompt,
+        params: GenerationParams,
+        tools: tuple[ToolSpec, ...] = (),
+        keepalive_s: float | None = None,
+    ) -> AsyncGenerator[GenerationChunk | None, None]:
+        """The task's chunks, ending with its last one (finish_reason or error). With `keepalive_s`, a None
+        after every `keepalive_s` without a chunk (so a stream can send keep-alives while a prompt runs)."""
         task_id = new_task_id()
         send, receive = anyio.create_memory_object_stream[GenerationChunk](math.inf)
         self._tasks[task_id] = _Task(instance, send)
@@ -91,6 +98,7 @@ class TaskRouter:
                 origin=self.node_id,
                 prompt=prompt,
                 params=params,
+                tools=tools,
             )
             rank0, sampler = _rank0_node(instance), _sampling_node(instance)
             if sampler != rank0:
@@ -99,7 +107,11 @@ class TaskRouter:
             deadline = anyio.current_time() + self._settings.first_chunk_timeout_s
             first = True
             while True:
-                chunk = await self._next(receive, instance.instance_id, deadline if first else math.inf)
+                tick = anyio.current_time() + keepalive_s if keepalive_s is not None else math.inf
+                chunk = await self._next(receive, instance.instance_id, deadline if first else math.inf, tick)
+                if chunk is None:
+                    yield None
+                    continue
                 first = False
                 finished = chunk.is_last
                 yield chunk
@@ -121,9 +133,12 @@ class TaskRouter:
         receive: anyio.abc.ObjectReceiveStream[GenerationChunk],
         instance_id: InstanceId,
         deadline: float,
-    ) -> GenerationChunk:
+        tick: float = math.inf,
+    ) -> GenerationChunk | None:
+        """The next chunk; None when `tick` passes first."""
         while True:
-            with anyio.move_on_after(min(STATE_POLL_S, max(0.0, deadline - anyio.current_time()))):
+            until = min(deadline, tick)
+            with anyio.move_on_after(min(STATE_POLL_S, max(0.0, until - anyio.current_time()))):
                 return await receive.receive()
             if instance_id not in self._state().instances:
                 return GenerationChunk(error=f"instance {instance_id} was deleted while serving this request")
@@ -132,6 +147,8 @@ class TaskRouter:
                     error=f"no output from instance {instance_id} within "
                     f"{self._settings.first_chunk_timeout_s:g} s"
                 )
+            if anyio.current_time() >= tick:
+                return None
 
     async def _cancel(self, task_id: TaskId, instance: Instance) -> None:
         cancel = CancelGeneration(task_id=task_id, instance_id=instance.instance_id, origin=self.node_id)

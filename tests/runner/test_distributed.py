@@ -54,7 +54,7 @@ async def test_pipeline_gives_the_tokens_and_logprobs_of_one_process(
             for got, ref in zip(got_logprobs, want.logprobs, strict=True):
                 assert got.token_id == ref.token_id
                 assert got.logprob == pytest.approx(ref.logprob, abs=1e-5)
-                assert [t.token_id for t in got.top_logprobs] == [t.token_id for t in ref.top_logprobs]
+                assert [t.token_id for t in got.top] == [t.token_id for t in ref.top_logprobs]
         # A stop asked of the last rank alone stops the whole group cleanly.
         await supervisor.shutdown(specs[-1].runner_id)
         await wait_for(

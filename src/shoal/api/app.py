@@ -1,10 +1,10 @@
 """Control routes of the node's HTTP API.
 
-GET /health (503 with status "identity_clash" while the node is silenced by a clashing id), GET /state (replicated State + this node's `diagnostics`), GET /nodes, GET /events (SSE of
+GET /health (never needs the API key; 503 with status "identity_clash" while the node is silenced by a clashing id), GET /state (replicated State + this node's `diagnostics`), GET /nodes, GET /events (SSE of
 indexed events, optionally replaying from `from_index`), POST /nodes/{node_id}/labels and
 DELETE /nodes/{node_id}/labels/{key} (commands submitted through the master; the answer is the master's:
 200 with the indices, 409 with its rejection reason, or 503 when no master answered before the deadline).
-Instances and models: see `shoal.api.instances`; downloads: `shoal.api.downloads`; generation:
+GET /metrics (Prometheus, see `shoal.api.metrics`). Instances and models: see `shoal.api.instances`; downloads: `shoal.api.downloads`; generation:
 `shoal.api.generate`.
 """
 
@@ -18,13 +18,17 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from shoal.api.auth import require_api_key
 from shoal.api.downloads import add_download_routes
 from shoal.api.errors import error_response, invalid_response
 from shoal.api.generate import add_generate_route
 from shoal.api.instances import add_instance_routes
+from shoal.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from shoal.api.metrics import ApiMetrics
+from shoal.api.service import GenerationService
 from shoal.task_router import TaskRouter
 from shoal.types import (
     INDEXED_EVENT_ADAPTER,
@@ -77,8 +81,12 @@ def _sse(event: IndexedEvent) -> bytes:
     return f"id: {event.index}\nevent: {event.event.kind}\ndata: {data}\n\n".encode()
 
 
-def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
+def create_app(node: ClusterNode, command_timeout_s: float, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="shoal node", docs_url=None, redoc_url=None)
+    metrics = ApiMetrics(lambda: node.state, lambda: node.diagnostics().get("worker", {}).get("runners", {}))
+    service = GenerationService(node, metrics)
+    if api_key:
+        require_api_key(app, api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -167,7 +175,12 @@ def create_app(node: ClusterNode, command_timeout_s: float) -> FastAPI:
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    @app.get("/metrics", response_model=None)
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     add_instance_routes(app, node, command_timeout_s)
-    add_generate_route(app, node)
+    add_generate_route(app, service)
     add_download_routes(app, node)
+    # public API routes
     return app

@@ -5,7 +5,7 @@ content}], and sampling fields (max_tokens,
 temperature, top_p, top_k, min_p, penalties, seed, stop, stop_token_ids, ignore_eos)}.
 Answers at once with 404 when no instance of the model is placed, 503 + Retry-After while one is still
 loading, 400 for invalid sampling values. Otherwise a stream of lines:
-  {"type": "delta", "text": ..., "token_ids": [...]}   as tokens arrive
+  {"type": "delta", "text": ..., "token_ids": [...], "logprobs": [...] (when asked)}   as tokens arrive
   {"type": "finish", "finish_reason": ..., "usage": {"prompt_tokens": n, "completion_tokens": m}}
   {"type": "error", "message": ...}                    instead of finish, when the task failed
   {"type": "end"}                                      always last
@@ -17,31 +17,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from shoal.api.errors import error_response, invalid_response
-from shoal.engine.errors import InvalidRequestError
-from shoal.engine.sampling import SamplingParams
-from shoal.routing import NoInstance, pick_instance
-from shoal.task_router import TaskRouter
-from shoal.types import State
-from shoal.types.generation import ChatMessage, GenerationParams, Prompt
-from shoal.types.instance_ids import InstanceId
+from shoal.api.service import ApiProblem, GenerationRequest, GenerationService, generation_params
+from shoal.types.generation import ChatMessage, Prompt
 
-RETRY_AFTER_S = 2
 log = logging.getLogger(__name__)
-
-
-class GenerateNode(Protocol):
-    @property
-    def state(self) -> State: ...
-
-    @property
-    def router(self) -> TaskRouter: ...
 
 
 class MessageBody(BaseModel):
@@ -66,13 +52,15 @@ class GenerateBody(BaseModel):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     max_tokens: int = 256
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def _line(payload: dict[str, Any]) -> bytes:
     return (json.dumps(payload) + "\n").encode()
 
 
-def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
+def add_generate_route(app: FastAPI, service: GenerationService) -> None:
     @app.post("/generate", response_model=None)
     async def generate(body: GenerateBody) -> JSONResponse | StreamingResponse:
         if (body.prompt is None) == (body.messages is None):
@@ -80,35 +68,35 @@ def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
         fields = body.model_dump(exclude={"model", "instance_id", "prompt", "messages"})
         fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop or []
         try:
-            params = GenerationParams.model_validate(fields, strict=False)
-            SamplingParams(**params.model_dump())  # the engine's own checks, before anything is sent
+            params = generation_params(fields)
             prompt: Prompt
             if body.messages is not None:
                 prompt = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
             else:
                 prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt or ())
+            request = GenerationRequest(body.model, prompt, params, instance_id=body.instance_id)
+            generation = service.open(request, api="generate")
         except ValidationError as error:
             return invalid_response(error)
-        except InvalidRequestError as error:
-            return error_response(400, "invalid_request", str(error), param=error.field)
-        if isinstance(prompt, tuple) and not prompt:
-            return error_response(400, "invalid_request", "the prompt is empty")
-        router = node.router
-        pinned = InstanceId(body.instance_id) if body.instance_id is not None else None
-        chosen = pick_instance(node.state, body.model, router.in_flight, pinned)
-        if isinstance(chosen, NoInstance):
-            if chosen.loading:
-                return error_response(
-                    503, "model_loading", chosen.reason, headers={"Retry-After": str(RETRY_AFTER_S)}
-                )
-            return error_response(404, "model_not_found", chosen.reason)
-        chunks = router.generate(chosen, prompt, params)
+        except ApiProblem as problem:
+            headers = {"Retry-After": str(problem.retry_after_s)} if problem.retry_after_s else None
+            extra = {"param": problem.param} if problem.param else {}
+            return error_response(problem.status, problem.kind, problem.message, headers=headers, **extra)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                async for chunk in chunks:
+                async for chunk in generation:
+                    if chunk is None:
+                        continue
                     if chunk.text or chunk.token_ids:
-                        yield _line({"type": "delta", "text": chunk.text, "token_ids": list(chunk.token_ids)})
+                        delta: dict[str, Any] = {
+                            "type": "delta",
+                            "text": chunk.text,
+                            "token_ids": list(chunk.token_ids),
+                        }
+                        if chunk.logprobs:
+                            delta["logprobs"] = [lp.model_dump() for lp in chunk.logprobs]
+                        yield _line(delta)
                     if chunk.error is not None:
                         yield _line({"type": "error", "message": chunk.error})
                     elif chunk.finish_reason is not None:
@@ -120,14 +108,14 @@ def add_generate_route(app: FastAPI, node: GenerateNode) -> None:
             except Exception as error:
                 # The top of this request's stream: whatever broke (e.g. the transport closing) reaches the
                 # client as an error line, never as a silently cut stream.
-                log.exception("generation stream on instance %s failed", chosen.instance_id)
+                log.exception("generation stream on instance %s failed", generation.instance.instance_id)
                 yield _line({"type": "error", "message": f"{type(error).__name__}: {error}"})
             finally:
-                await chunks.aclose()  # a client that left: the router cancels the task on its runner
+                await generation.aclose()  # a client that left: the router cancels the task on its runner
             yield _line({"type": "end"})
 
         return StreamingResponse(
             stream(),
             media_type="application/x-ndjson",
-            headers={"Cache-Control": "no-cache", "X-Shoal-Instance": chosen.instance_id},
+            headers={"Cache-Control": "no-cache", "X-Shoal-Instance": generation.instance.instance_id},
         )

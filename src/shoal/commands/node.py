@@ -17,6 +17,7 @@ DEFAULT_CLUSTER = "shoal"
 DEFAULT_PORT = 7447
 DEFAULT_API_PORT = 52416
 CLUSTER_KEY_ENV = "SHOAL_CLUSTER_KEY"
+API_KEY_ENV = "SHOAL_API_KEY"
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"
 HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
@@ -85,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--api-port", type=int, default=DEFAULT_API_PORT, help="HTTP API port (default: %(default)s)"
     )
     parser.add_argument("--api-host", default=None, help="HTTP API address (default: the listen host)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require this key (Authorization: Bearer KEY) on every API route but /health (or env {API_KEY_ENV})",
+    )
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="identity and event log (default: XDG data dir)"
     )
@@ -167,6 +173,7 @@ def build_settings(args: argparse.Namespace) -> NodeSettings:
         runner_threads=args.runner_threads,
         runner_deadlines=replace(DEFAULT_DEADLINES, **dict(args.runner_deadline)),
         hub_endpoint=args.hub_endpoint or os.environ.get(HUB_ENDPOINT_ENV) or None,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         offline=args.offline or os.environ.get(HUB_OFFLINE_ENV, "").lower() in ("1", "true", "yes"),
     )
 

@@ -1,4 +1,5 @@
-"""The model's tokenizer and chat template, through transformers' tokenizer classes. No templates of our own.
+"""The model's tokenizer and chat template, through transformers' tokenizer classes. No templates of our own
+(for a template that knows no tools, the tools are described in the system message instead).
 
 Inputs: a Hugging Face model folder or a GGUF file (or a folder holding one). Output: a `Tokenizer`.
 Converting a GGUF tokenizer takes seconds to tens of seconds, so the converted tokenizer is saved under a
@@ -9,6 +10,7 @@ from there next time. The cache directory is a parameter: the edge (the CLI) pic
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,14 +60,64 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Token ids of the conversation rendered with the model's own template, ready for the reply."""
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of the conversation rendered with the model's own template, ready for the reply.
+
+        `tools` are OpenAI-style function specs ({"type": "function", "function": {...}}). A template that
+        knows tools renders them itself; for one that does not, they are described in a system message that
+        asks for calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+        """
         if not self.has_chat_template:
             raise ModelLoadError("this model has no chat template: send a plain text prompt instead")
         conversation = [dict(message) for message in messages]
-        text = self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        template = str(self.hf.chat_template)
+        extra: dict[str, Any] = {}
+        if tools:
+            if "tools" in template:
+                extra["tools"] = [dict(tool) for tool in tools]
+            else:
+                conversation = _with_tool_instructions(conversation, tools)
+        text = self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
         # The rendered text already holds the template's special tokens (BOS included where it wants one).
         return self.encode(str(text), add_special_tokens=False)
+
+
+TOOL_INSTRUCTIONS = (
+    "You can call the functions described below. To call one, answer with only\n"
+    '<tool_call>{"name": "<function name>", "arguments": {<arguments as JSON>}}</tool_call>\n'
+    "and nothing else. Functions:\n"
+)
+
+
+def _with_tool_instructions(
+    conversation: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The conversation with the tools described in its system message (added when there is none), and
+    earlier calls and tool results written as plain text, for templates that know nothing of tools."""
+    described = "\n".join(json.dumps(tool.get("function", tool)) for tool in tools)
+    rendered = [_as_plain_message(message) for message in conversation]
+    if rendered and rendered[0].get("role") == "system":
+        first = dict(rendered[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{TOOL_INSTRUCTIONS}{described}".lstrip()
+        return [first, *rendered[1:]]
+    return [{"role": "system", "content": TOOL_INSTRUCTIONS + described}, *rendered]
+
+
+def _as_plain_message(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls") or []
+    if message.get("role") == "tool":
+        return {"role": "user", "content": f"<tool_response>{message.get('content') or ''}</tool_response>"}
+    if not calls:
+        return message
+    written = "".join(
+        "<tool_call>"
+        + json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+        + "</tool_call>"
+        for call in calls
+    )
+    return {"role": message.get("role", "assistant"), "content": (message.get("content") or "") + written}
 
 
 def resolve_tokenizer_source(model_path: Path) -> tuple[Path, str | None]:

@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.engine.sampling import SampleResult, SamplingParams
+from shoal.engine.sampling import SamplingParams
 from shoal.engine.sequence import RequestStats
+from shoal.types.generation import TokenLogprobs
 from shoal.types.instance_ids import TaskId
 from shoal.types.runners import RunnerStatus
 
@@ -27,6 +28,8 @@ class SubmitTask:
     task_id: TaskId
     prompt: TaskPrompt
     params: SamplingParams
+    # OpenAI-style function specs for the chat template (chat prompts only).
+    tools: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,7 @@ class TaskChunk:
     task_id: TaskId
     text: str = ""
     token_ids: tuple[int, ...] = ()
-    logprobs: tuple[SampleResult, ...] | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
     finish_reason: str | None = None
     stats: RequestStats | None = None
     error: str | None = None

@@ -28,13 +28,14 @@ import torch
 from shoal.engine.errors import InvalidRequestError, ShoalError
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.output_processor import RequestOutput
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import SampleResult, SamplingParams
 from shoal.engine.tokenizer import Tokenizer
 from shoal.runner.group import StepChannel, start_group, stop_group
 from shoal.runner.link import SupervisorLink
 from shoal.runner.messages import CancelTask, SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerFaults, RunnerSpec, StallStage
 from shoal.runner.stage import build_engine, warm_up
+from shoal.types.generation import TokenLogprobs, TopLogprob
 from shoal.types.instance_ids import TaskId
 from shoal.types.runners import (
     RunnerConnected,
@@ -155,7 +156,7 @@ class StepLoop:
 
     def _admission(self, task: SubmitTask) -> Op | None:
         try:
-            token_ids = prompt_token_ids(self.engine.tokenizer, task.prompt)
+            token_ids = prompt_token_ids(self.engine.tokenizer, task.prompt, task.tools)
             params = dataclasses.asdict(task.params)
         except (ShoalError, TypeError, ValueError) as exc:
             self.errors.append(TaskChunk(task.task_id, error=str(exc)))
@@ -184,7 +185,7 @@ class StepLoop:
             if output.finished:
                 self.active.discard(output.request_id)
             if self.spec.is_sampling_rank:
-                chunks.append(_chunk(output))
+                chunks.append(_chunk(output, self.engine.tokenizer))
             elif output.finished and self.spec.rank == 0:
                 # An end marker with no content: rank 0's node holds the task's bookkeeping and must learn
                 # that it ended, even though the chunks themselves come from the sampling rank.
@@ -195,24 +196,45 @@ class StepLoop:
         self.link.send_chunks(chunks)
 
 
-def prompt_token_ids(tokenizer: Tokenizer, prompt: TaskPrompt) -> list[int]:
-    """Text is encoded, chat messages rendered with the model's template; token ids pass through to the
-    engine, which checks them against the vocabulary."""
+def prompt_token_ids(
+    tokenizer: Tokenizer, prompt: TaskPrompt, tools: Sequence[Mapping[str, Any]] = ()
+) -> list[int]:
+    """Text is encoded, chat messages rendered with the model's template (offering `tools`); token ids
+    pass through to the engine, which checks them against the vocabulary."""
+    if tools and (isinstance(prompt, str) or not all(isinstance(m, Mapping) for m in prompt)):
+        raise InvalidRequestError("tools need a chat prompt (messages)", field="tools")
     if isinstance(prompt, str):
         return tokenizer.encode(prompt) if prompt else []
     if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-        return tokenizer.apply_chat_template([m for m in prompt if isinstance(m, Mapping)])
+        return tokenizer.apply_chat_template([m for m in prompt if isinstance(m, Mapping)], tools or None)
     if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [int(t) for t in prompt if isinstance(t, int)]
     raise InvalidRequestError("prompt must be text, token ids or chat messages", field="prompt")
 
 
-def _chunk(output: RequestOutput) -> TaskChunk:
+def _chunk(output: RequestOutput, tokenizer: Tokenizer) -> TaskChunk:
+    logprobs = None
+    if output.logprobs is not None:
+        logprobs = tuple(token_logprobs(result, tokenizer) for result in output.logprobs)
     return TaskChunk(
         task_id=TaskId(output.request_id),
         text=output.text,
         token_ids=output.token_ids,
-        logprobs=output.logprobs,
+        logprobs=logprobs,
         finish_reason=output.finish_reason,
         stats=output.stats,
     )
+
+
+def token_logprobs(result: SampleResult, tokenizer: Tokenizer) -> TokenLogprobs:
+    """A sampled token's logprob with token texts, as the APIs show them."""
+
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    top = tuple(
+        TopLogprob(token_id=t.token_id, token=text(t.token_id), logprob=t.logprob)
+        for t in result.top_logprobs
+    )
+    logprob = result.logprob if result.logprob is not None else float("nan")
+    return TokenLogprobs(token_id=result.token_id, token=text(result.token_id), logprob=logprob, top=top)

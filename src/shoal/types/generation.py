@@ -23,9 +23,34 @@ Text = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20
+
+
+class ToolCall(FrozenModel):
+    """A call the model made: `arguments` is the JSON text of the arguments object."""
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    name: Name
+    arguments: Text = "{}"
+
+
 class ChatMessage(FrozenModel):
     role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    content: Text
+    content: Text = ""
+    name: Name | None = None
+    # An assistant turn's calls, and a tool result's answer to one of them.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class ToolSpec(FrozenModel):
+    """A function the model may call; `parameters` is the JSON text of its JSON-schema."""
+
+    name: Name
+    description: Text = ""
+    parameters: Text = "{}"
 
 
 Prompt = Text | tuple[TokenId, ...] | Annotated[tuple[ChatMessage, ...], Field(min_length=1)]
@@ -46,6 +71,8 @@ class GenerationParams(FrozenModel):
     stop_token_ids: tuple[TokenId, ...] = ()
     ignore_eos: bool = False
     max_tokens: Annotated[int, Field(ge=1)] = 256
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
 
 
 class StartGeneration(FrozenModel):
@@ -55,6 +82,8 @@ class StartGeneration(FrozenModel):
     origin: NodeIdField
     prompt: Prompt
     params: GenerationParams
+    # Functions the chat template offers the model (chat prompts only).
+    tools: Annotated[tuple[ToolSpec, ...], Field(max_length=MAX_TOOLS)] = ()
 
 
 class CancelGeneration(FrozenModel):
@@ -62,6 +91,21 @@ class CancelGeneration(FrozenModel):
     task_id: TaskIdField
     instance_id: InstanceIdField
     origin: NodeIdField
+
+
+class TopLogprob(FrozenModel):
+    token_id: TokenId
+    token: str
+    logprob: float
+
+
+class TokenLogprobs(FrozenModel):
+    """One generated token's log-probability (and the most likely alternatives when asked for)."""
+
+    token_id: TokenId
+    token: str
+    logprob: float
+    top: Annotated[tuple[TopLogprob, ...], Field(max_length=MAX_TOP_LOGPROBS)] = ()
 
 
 class GenerationChunk(FrozenModel):
@@ -74,6 +118,9 @@ class GenerationChunk(FrozenModel):
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
     prompt_tokens: Annotated[int, Field(ge=0)] | None = None
     completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    cached_tokens: Annotated[int, Field(ge=0)] | None = None
+    # One entry per token in `token_ids` when the task asked for logprobs.
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
     @property
     def is_last(self) -> bool:

@@ -18,11 +18,13 @@ died) go to the origin from whichever node sees them first; the origin keeps the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -254,7 +256,8 @@ class Worker:
             return
         try:
             stream = supervisor.submit(
-                shard.runner_id, SubmitTask(start.task_id, _task_prompt(start), _sampling(start))
+                shard.runner_id,
+                SubmitTask(start.task_id, _task_prompt(start), _sampling(start), _tools(start)),
             )
         except (SupervisorError, ValueError) as error:
             await self._send_chunks(
@@ -316,8 +319,48 @@ def _task_prompt(start: StartGeneration) -> TaskPrompt:
     prompt = start.prompt
     if isinstance(prompt, str):
         return prompt
-    messages = [item.model_dump() for item in prompt if isinstance(item, ChatMessage)]
+    messages = [_template_message(item) for item in prompt if isinstance(item, ChatMessage)]
     return messages if messages else [item for item in prompt if isinstance(item, int)]
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A chat message as Hugging Face chat templates read it (tool call arguments as objects)."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name is not None:
+        rendered["name"] = message.name
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        rendered["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": _json_or_text(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    return rendered
+
+
+def _tools(start: StartGeneration) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": _json_or_text(tool.parameters),
+            },
+        }
+        for tool in start.tools
+    )
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _sampling(start: StartGeneration) -> SamplingParams:
@@ -334,4 +377,6 @@ def _wire_chunk(chunk: TaskChunk) -> GenerationChunk:
         error=chunk.error[:MAX_ERROR_CHARS] if chunk.error is not None else None,
         prompt_tokens=stats.prompt_tokens if last and stats is not None else None,
         completion_tokens=stats.completion_tokens if last and stats is not None else None,
+        cached_tokens=stats.cached_tokens if last and stats is not None else None,
+        logprobs=chunk.logprobs or (),
     )
