@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from shoal.api.anthropic import add_anthropic_routes
 from shoal.api.auth import require_api_key
 from shoal.api.downloads import add_download_routes
 from shoal.api.errors import error_response, invalid_response
@@ -184,5 +185,6 @@ def create_app(node: ClusterNode, command_timeout_s: float, api_key: str | None 
     add_generate_route(app, service)
     add_download_routes(app, node)
     # public API routes
+    add_anthropic_routes(app, service)
     add_openai_routes(app, service)
     return app
