@@ -29,6 +29,7 @@ from shoal.api.generate import add_generate_route
 from shoal.api.instances import add_instance_routes
 from shoal.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shoal.api.metrics import ApiMetrics
+from shoal.api.ollama import add_ollama_routes
 from shoal.api.openai import add_openai_routes
 from shoal.api.service import GenerationService
 from shoal.task_router import TaskRouter
@@ -186,5 +187,6 @@ def create_app(node: ClusterNode, command_timeout_s: float, api_key: str | None 
     add_download_routes(app, node)
     # public API routes
     add_anthropic_routes(app, service)
+    add_ollama_routes(app, service)
     add_openai_routes(app, service)
     return app
