@@ -1,14 +1,21 @@
-"""Sharding benchmark, pipeline part: decode speed of one model on 1 node vs a 2-node pipeline, through real
-`shoal node` processes on loopback (the same /generate path a user takes).
+"""Sharding benchmark: decode tok/s of pipeline and tensor parallelism on loopback.
+
+Pipeline part: one model on 1 node vs a 2-node pipeline, through real `shoal node` processes on loopback
+(the same /generate path a user takes).
 
 For each placement: greedy requests with `ignore_eos`, and decode tok/s = (tokens - 1) / (time of the last
 delta - time of the first delta), the median over `--requests` runs; prefill is left out by starting at
 the first token. Prints both and their ratio (the issue's target: 2-node pipeline >= 0.9x one node).
 Runners get `--runner-threads` threads each.
 
-    .venv/bin/python bench/sharding.py --model default --tokens 64 --requests 3
+Tensor part (bench/sharding_tensor.py): a ~1B-shape random-weight Llama (hidden 2048, 16 layers, 32/8
+heads, MLP 5632, vocabulary 32000; written once as bf16 safetensors, run in `--tp-dtype`) on 1 rank pinned
+to one core vs 2 tensor-parallel ranks pinned to one core each, through runner processes under a
+RunnerSupervisor (not nodes: see that module), same decode tok/s measure. Target: >= 1.5x.
 
-(Not yet here: the tensor-parallel half of the issue's benchmark, a ~1B-shape model on 2 pinned ranks.)
+    .venv/bin/python bench/sharding.py                 # both parts, ~10 minutes on 2 cores
+    .venv/bin/python bench/sharding.py --short         # both parts, fewer tokens: a few minutes
+    .venv/bin/python bench/sharding.py --part tensor --tp-model-dir /tmp/llama-1b   # keeps the model
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from sharding_tensor import run_tensor_bench  # bench/ is on sys.path when this runs as a script
 from shoal.local_cluster import LocalCluster, LocalNode
 
 
@@ -58,19 +66,11 @@ def wait_ready(cluster: LocalCluster, node: LocalNode, instance_id: str) -> None
     cluster.wait_until(ready, 300, f"instance {instance_id}", interval=0.5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=3)
-    parser.add_argument("--runner-threads", type=int, default=1)
-    args = parser.parse_args()
+def run_pipeline_bench(model: str, tokens: int, requests: int, runner_threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as root:
         cluster = LocalCluster(Path(root), cluster="bench-sharding", node_timeout_s=5.0)
         try:
-            nodes = cluster.add(2, extra=("--runner-threads", str(args.runner_threads)))
+            nodes = cluster.add(2, extra=("--runner-threads", str(runner_threads)))
             cluster.wait_until(lambda: all(n.get("/health") for n in nodes), 60, "node APIs")
             cluster.wait_until(
                 lambda: sum(r["status"] == "active" for r in nodes[0].state()["nodes"].values()) == 2,
@@ -84,25 +84,62 @@ def main() -> None:
             }
             for name, request in placements.items():
                 placed = httpx.post(
-                    f"{nodes[0].api_url}/instances", json={"model": args.model, **request}, timeout=60
+                    f"{nodes[0].api_url}/instances", json={"model": model, **request}, timeout=60
                 )
                 placed.raise_for_status()
                 instance_id = placed.json()["instance_id"]
                 wait_ready(cluster, nodes[0], instance_id)
-                decode_tok_s(nodes[0], instance_id, args.model, 8)  # warm-up
-                runs = [
-                    decode_tok_s(nodes[0], instance_id, args.model, args.tokens) for _ in range(args.requests)
-                ]
+                decode_tok_s(nodes[0], instance_id, model, 8)  # warm-up
+                runs = [decode_tok_s(nodes[0], instance_id, model, tokens) for _ in range(requests)]
                 results[name] = statistics.median(runs)
                 print(
-                    f"{name:>16}: {results[name]:7.1f} decode tok/s (runs: {', '.join(f'{r:.1f}' for r in runs)})"
+                    f"{name:>24}: {results[name]:7.2f} decode tok/s (runs: {', '.join(f'{r:.2f}' for r in runs)})"
                 )
                 httpx.delete(f"{nodes[0].api_url}/instances/{instance_id}", timeout=30).raise_for_status()
                 time.sleep(2)  # let its runners exit before the next placement loads
             ratio = results["2-node pipeline"] / results["1 node"]
             print(f"2-node pipeline / 1 node: {ratio:.2f}x (target >= 0.9x)")
+            return results
         finally:
             cluster.stop_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=("both", "pipeline", "tensor"), default="both")
+    parser.add_argument("--short", action="store_true", help="fewer tokens and runs (a few minutes)")
+    parser.add_argument("--model", default="default", help="pipeline part: the model to place")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--runner-threads", type=int, default=1)
+    parser.add_argument("--tp-tokens", type=int, default=32)
+    parser.add_argument("--tp-requests", type=int, default=3)
+    parser.add_argument("--tp-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--tp-quant", choices=("none", "int8", "int4", "auto"), default="none")
+    parser.add_argument("--tp-cores", default="0,1", help="the two cores the ranks are pinned to")
+    parser.add_argument(
+        "--tp-model-dir", type=Path, help="where the ~1B model is written once and kept (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    if args.short:
+        args.tokens, args.requests, args.tp_tokens, args.tp_requests = 24, 2, 12, 2
+    if args.part in ("both", "pipeline"):
+        print(f"pipeline: model {args.model}, {args.tokens} tokens, {args.runner_threads} runner thread(s)")
+        run_pipeline_bench(args.model, args.tokens, args.requests, args.runner_threads)
+    if args.part in ("both", "tensor"):
+        first, second = (int(c) for c in args.tp_cores.split(","))
+        print(f"tensor: ~1B random Llama, {args.tp_dtype}, quant {args.tp_quant}, {args.tp_tokens} tokens")
+        with tempfile.TemporaryDirectory() as root:
+            run_tensor_bench(
+                args.tp_model_dir or Path(root) / "llama-1b",
+                tokens=args.tp_tokens,
+                requests=args.tp_requests,
+                dtype=args.tp_dtype,
+                quant=args.tp_quant,
+                cores=(first, second),
+            )
 
 
 if __name__ == "__main__":

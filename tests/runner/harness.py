@@ -11,6 +11,8 @@ import anyio
 import torch
 
 from shoal.engine.llm_engine import CompletedRequest, load_engine
+from shoal.engine.model_runner import ModelRunner
+from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerSpec
@@ -116,7 +118,12 @@ def tokens_of(chunks: Sequence[TaskChunk]) -> list[int]:
     return [t for chunk in chunks for t in chunk.token_ids]
 
 
-def reference(model: Path, prompts: Sequence[TaskPrompt], params: SamplingParams) -> list[CompletedRequest]:
-    """The same prompts on one process (the engine alone), in fp32."""
+def reference(
+    model: Path, prompts: Sequence[TaskPrompt], params: SamplingParams, quant: str = "none"
+) -> list[CompletedRequest]:
+    """The same prompts on one process (the engine alone), in fp32, with weights quantized as `quant`."""
     engine = load_engine(model, dtype=torch.float32, kv_cache_bytes=4 << 20)
+    if quant != "none":
+        assert isinstance(engine.runner, ModelRunner)
+        quantize_model(engine.runner.model, quant)
     return engine.generate(list(prompts), params)  # type: ignore[arg-type]

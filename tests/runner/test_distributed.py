@@ -63,6 +63,29 @@ async def test_pipeline_gives_the_tokens_and_logprobs_of_one_process(
         assert all(supervisor.status(s.runner_id) == RunnerShutdown() for s in specs)
 
 
+async def test_int8_pipeline_gives_the_tokens_and_logprobs_of_one_int8_process(tmp_path: Path) -> None:
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    # One prompt at a time on both sides: the int8 kernels compute in bf16, whose results depend on the
+    # batch's shape, so the same shapes are what makes the logprobs comparable bit for bit.
+    expected = [reference(model, [p], GREEDY, quant="int8")[0] for p in PROMPTS]
+    unquantized = reference(model, PROMPTS, GREEDY)
+    specs = instance_specs(model, "pipeline", 2, splits=(2,), quant="int8")
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs)
+        results = [
+            await collect(supervisor, specs[0].runner_id, task(f"t{i}", p, GREEDY))
+            for i, p in enumerate(PROMPTS)
+        ]
+    moved = 0.0
+    for chunks, want, plain in zip(results, expected, unquantized, strict=True):
+        assert tokens_of(chunks) == list(want.token_ids)
+        got = [lp.logprob for c in chunks for lp in c.logprobs or ()]
+        assert want.logprobs is not None and plain.logprobs is not None
+        assert got == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+        moved = max(moved, *(abs(a - b.logprob) for a, b in zip(got, plain.logprobs, strict=False)))
+    assert moved > 1e-4  # the ranks really ran int8 weights, not the float ones
+
+
 async def test_tensor_parallel_gives_the_tokens_of_one_process(tmp_path: Path) -> None:
     model = write_tiny_model_dir(tmp_path / "model", "qwen2")
     expected = reference(model, PROMPTS, GREEDY)

@@ -1,8 +1,8 @@
 """Instance and model routes of the node's HTTP API.
 
-POST /instances (place: {model, sharding, min_nodes, backend, node_ids, kv_headroom_tokens}) -> 201 with the
-instance, 404 for an unknown model, 409 with the master's placement error (nothing is created), 503 when
-no master answered. GET /instances, GET /instances/previews?model=..., GET /instances/{id} (with its
+POST /instances (place: {model, sharding, min_nodes, backend, node_ids, kv_headroom_tokens, quant}) -> 201
+with the instance (`quant`: none | int8 | int4 | auto, default auto as in `shoal generate`), 404 for an unknown model, 409 with the master's placement error (nothing is created), 503 when
+no master answered. GET /instances, GET /instances/previews?model=...&quant=..., GET /instances/{id} (with its
 runners' statuses), DELETE /instances/{id}. GET /models: the models this node has (the embedded default
 and its models directory) and the models placed in the cluster.
 """
@@ -25,7 +25,13 @@ from shoal.models import ModelNotFoundError, local_models, resolve_model
 from shoal.types import Command, CommandAccepted, CommandRejected, IndexedEvent, State
 from shoal.types.instance_ids import InstanceId
 from shoal.types.instance_messages import DeleteInstance, InstanceCreated, PlaceInstance
-from shoal.types.instances import Instance, ModelCard, PlacementRequest
+from shoal.types.instances import (
+    DEFAULT_WEIGHT_QUANT,
+    Instance,
+    ModelCard,
+    PlacementRequest,
+    WeightQuant,
+)
 
 REPLICA_WAIT_S = 5.0
 
@@ -49,6 +55,7 @@ class PlaceBody(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     node_ids: list[str] | None = None
     kv_headroom_tokens: int | None = None
+    quant: WeightQuant = DEFAULT_WEIGHT_QUANT
 
 
 def instance_view(state: State, instance: Instance) -> dict[str, Any]:
@@ -106,7 +113,9 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
 
     @app.get("/instances/previews", response_model=None)
     async def preview_instances(
-        model: str = Query(default="default"), kv_headroom_tokens: int | None = Query(default=None, ge=0)
+        model: str = Query(default="default"),
+        kv_headroom_tokens: int | None = Query(default=None, ge=0),
+        quant: WeightQuant = DEFAULT_WEIGHT_QUANT,
     ) -> JSONResponse:
         card = await card_for(model)
         if isinstance(card, JSONResponse):
@@ -117,6 +126,7 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
             state.nodes,
             links_from_nodes(state.nodes),
             kv_headroom_tokens=kv_headroom_tokens,
+            quant=quant,
             existing=state.instances.values(),
         )
         return JSONResponse(

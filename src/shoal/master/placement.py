@@ -9,7 +9,7 @@ Rules
 - Devices and memory: backend nccl puts each shard on the node's CUDA GPU with the most free memory and
   counts that GPU's free memory; gloo puts it on the CPU (or MPS on a Mac) and counts available RAM. One
   shard per node. A shard needs its weights + KV cache for the headroom tokens + a fixed runner
-  overhead (see `shoal.master.shard_memory`).
+  overhead (see `shoal.master.shard_memory`), the weights counted as the request's `quant` holds them.
 - Backend: nccl needs a CUDA GPU on every node of the instance; when it is asked for and nodes lack one,
   the answer is an error, never gloo. "auto" takes nccl when every chosen node has a GPU, else gloo.
 - Pipeline: layers split in proportion to each node's free memory, every stage at least one layer and
@@ -37,12 +37,14 @@ from shoal.master.shard_memory import (
     fixed_weight_bytes,
     format_bytes,
     headroom_tokens,
+    layer_bytes,
     stage_kv_bytes,
     stage_weight_bytes,
 )
 from shoal.types.ids import NodeId
 from shoal.types.instance_ids import InstanceId, runner_id_for
 from shoal.types.instances import (
+    DEFAULT_WEIGHT_QUANT,
     CommBackend,
     GroupAddress,
     Instance,
@@ -52,6 +54,7 @@ from shoal.types.instances import (
     PlacementRequest,
     ShardAssignment,
     Sharding,
+    WeightQuant,
 )
 from shoal.types.profiles import NodeProfile
 from shoal.types.state import NodeRecord
@@ -105,6 +108,7 @@ def previews(
     links: Links,
     *,
     kv_headroom_tokens: int | None = None,
+    quant: WeightQuant = DEFAULT_WEIGHT_QUANT,
     existing: Iterable[Instance] = (),
 ) -> list[PlacementPreview]:
     """Every feasible placement (for up to MAX_PREVIEW_ALL_SUBSETS active nodes; above, the nodes with
@@ -131,6 +135,7 @@ def previews(
                     backend=backend,
                     node_ids=subset,
                     kv_headroom_tokens=kv_headroom_tokens,
+                    quant=quant,
                 )
                 placed = _place(card, nodes, links, request, PREVIEW_INSTANCE_ID, existing)
                 if not isinstance(placed, PlacementError):
@@ -208,7 +213,7 @@ def _place(
             rendezvous = GroupAddress(host=ordered[0].host, port=port)
             for sharding in _shardings(request, size):
                 build = _build_pipeline if sharding == "pipeline" else _build_tensor
-                built = build(card, ordered, tokens, instance_id, backend, rendezvous)
+                built = build(card, ordered, tokens, instance_id, backend, rendezvous, request.quant)
                 if isinstance(built, Instance):
                     return built, ordered
                 size_failures.append(
@@ -320,18 +325,16 @@ def _build_pipeline(
     instance_id: InstanceId,
     backend: CommBackend,
     rendezvous: GroupAddress,
+    quant: WeightQuant,
 ) -> Instance | str:
     n, num_layers = len(slots), card.num_layers
     if n > num_layers:
         return f"a pipeline over {n} nodes needs at least {n} layers; the model has {num_layers}"
-    per_layer = card.layer_bytes + stage_kv_bytes(card, 1, tokens)
-    fixed = [fixed_weight_bytes(card, i == 0, i == n - 1) + RUNNER_OVERHEAD_BYTES for i in range(n)]
+    per_layer = layer_bytes(card, quant) + stage_kv_bytes(card, 1, tokens)
+    fixed_weights = [fixed_weight_bytes(card, i == 0, i == n - 1, 1, quant) for i in range(n)]
+    fixed = [f + RUNNER_OVERHEAD_BYTES for f in fixed_weights]
     free_total = sum(slot.free_bytes for slot in slots)
-    weights = (
-        card.weight_bytes
-        if n == 1
-        else card.weight_bytes + (card.embedding_bytes if card.tie_word_embeddings else 0)
-    )
+    weights = num_layers * layer_bytes(card, quant) + fixed_weights[0] + (fixed_weights[-1] if n > 1 else 0)
     kv = stage_kv_bytes(card, num_layers, tokens)
     needed = weights + kv + n * RUNNER_OVERHEAD_BYTES
     if needed > free_total:
@@ -370,7 +373,7 @@ def _build_pipeline(
                 tp_rank=0,
                 tp_size=1,
                 device=slot.device,
-                weight_bytes=stage_weight_bytes(card, start, end),
+                weight_bytes=stage_weight_bytes(card, start, end, 1, quant),
                 kv_cache_bytes=stage_kv_bytes(card, count, tokens),
             )
         )
@@ -382,6 +385,7 @@ def _build_pipeline(
         backend=backend,
         shards=tuple(shards),
         rendezvous=rendezvous,
+        quant=quant,
     )
 
 
@@ -392,6 +396,7 @@ def _build_tensor(
     instance_id: InstanceId,
     backend: CommBackend,
     rendezvous: GroupAddress,
+    quant: WeightQuant,
 ) -> Instance | str:
     n = len(slots)
     not_dividing = [
@@ -405,7 +410,7 @@ def _build_tensor(
     ]
     if not_dividing:
         return f"tensor parallel needs {', '.join(not_dividing)} divisible by world size {n}"
-    weights = stage_weight_bytes(card, 0, card.num_layers, n)
+    weights = stage_weight_bytes(card, 0, card.num_layers, n, quant)
     kv = stage_kv_bytes(card, card.num_layers, tokens, n)
     needed = weights + kv + RUNNER_OVERHEAD_BYTES
     short = [
@@ -437,6 +442,7 @@ def _build_tensor(
         backend=backend,
         shards=shards,
         rendezvous=rendezvous,
+        quant=quant,
     )
 
 

@@ -15,8 +15,8 @@ A request that fails alone (bad prompt, too long) is a chunk error; anything els
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import queue
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +34,7 @@ from shoal.runner.group import StepChannel, start_group, stop_group
 from shoal.runner.link import SupervisorLink
 from shoal.runner.messages import CancelTask, SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerFaults, RunnerSpec, StallStage
-from shoal.runner.stage import build_engine, warm_up
+from shoal.runner.stage import build_engine, lockstep_params, warm_up
 from shoal.types.generation import TokenLogprobs, TopLogprob
 from shoal.types.instance_ids import TaskId
 from shoal.types.runners import (
@@ -75,6 +75,8 @@ def serve(spec: RunnerSpec, conn: Connection, faults: RunnerFaults) -> int:
         link.report(RunnerConnecting())
         enter("connecting")
         start_group(spec)
+        if spec.cpu_affinity is not None:
+            _pin(spec.cpu_affinity)
         link.report(RunnerConnected())
         link.report(RunnerLoading(layers_done=0, layers_total=spec.layer_end - spec.layer_start))
         enter("loading")
@@ -98,6 +100,14 @@ def serve(spec: RunnerSpec, conn: Connection, faults: RunnerFaults) -> int:
     stop_group()
     link.report(RunnerShutdown())
     return 0
+
+
+def _pin(cpus: tuple[int, ...]) -> None:
+    """Threads started from here on (torch's pool, gloo's) inherit the main thread's affinity."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ValueError(f"cannot pin the runner to CPUs {list(cpus)}: {exc}") from exc
 
 
 def _maybe_stall(faults: RunnerFaults, stage: StallStage) -> None:
@@ -157,7 +167,7 @@ class StepLoop:
     def _admission(self, task: SubmitTask) -> Op | None:
         try:
             token_ids = prompt_token_ids(self.engine.tokenizer, task.prompt, task.tools)
-            params = dataclasses.asdict(task.params)
+            params = lockstep_params(self.spec, task.params)
         except (ShoalError, TypeError, ValueError) as exc:
             self.errors.append(TaskChunk(task.task_id, error=str(exc)))
             return None

@@ -10,6 +10,8 @@ Finish decisions (EOS, stop strings, length) follow from the tokens, so each ran
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from shoal.engine.config import ModelConfig
 from shoal.engine.llm_engine import EngineConfig, LLMEngine
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.parallel import Communicator, ShardSpec, TorchDistributedCommunicator
+from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
 from shoal.engine.sequence import Sequence as Seq
 from shoal.engine.tokenizer import load_tokenizer
@@ -56,22 +59,41 @@ class DistributedStage:
         return torch.empty((sum(chunk.sample for chunk in chunks), 0))
 
 
-class BroadcastSampler(Sampler):
-    """Samples on the sampling rank only; every rank returns the same token ids.
+class LockstepSampler(Sampler):
+    """Every rank returns the same token ids.
 
-    Logprobs exist only on the sampling rank, which is the only one whose outputs leave the process."""
+    Pipeline: only the last stage has logits; it samples and broadcasts the ids. Tensor parallel: every
+    rank holds the same full logits (the LM head's all-reduce sums disjoint slices into zeros, exact on
+    every rank), so each rank samples for itself and no collective is spent on the tokens; random rows
+    stay identical because rank 0 gives every request a seed (`lockstep_params`), and the next exchange
+    compares a hash of the tokens across ranks (`StepChannel.note_sampled`).
+
+    Logprobs leave the process only from the sampling rank."""
 
     def __init__(self, channel: StepChannel) -> None:
         super().__init__()
         self.channel = channel
 
     def __call__(self, logits: torch.Tensor, seqs: Sequence[Seq]) -> list[SampleResult]:
+        if self.channel.samples_locally:
+            results = super().__call__(logits, seqs)
+            self.channel.note_sampled([r.token_id for r in results])
+            return results
         if self.channel.rank == self.channel.sampling_rank:
             results = super().__call__(logits, seqs)
             self.channel.broadcast_tokens([r.token_id for r in results], len(seqs))
             return results
         token_ids = self.channel.broadcast_tokens(None, len(seqs))
         return [SampleResult(token_id=token_id) for token_id in token_ids]
+
+
+def lockstep_params(spec: RunnerSpec, params: SamplingParams) -> dict[str, object]:
+    """Rank 0's admission of `params` as every rank applies it: for tensor parallel, a request without a
+    seed gets a random one, so each rank's sampler draws the same numbers for it."""
+    fields = dataclasses.asdict(params)
+    if spec.sharding == "tensor" and spec.world_size > 1 and params.seed is None:
+        fields["seed"] = secrets.randbits(62)
+    return fields
 
 
 class ModelMismatchError(RuntimeError):
@@ -96,6 +118,10 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len,
     )
+    if spec.quant != "none":
+        # Each rank quantizes its own slices ("auto" chooses per slice); KV cache and activations keep
+        # the model dtype, and the kernels cast in and out.
+        quantize_model(runner.model, spec.quant, device=spec.device)
     config = runner.config
     shape = [
         config.num_layers,
@@ -117,7 +143,7 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         tokenizer,
         EngineConfig(max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs),
     )
-    engine.sampler = BroadcastSampler(channel)
+    engine.sampler = LockstepSampler(channel)
     return engine
 
 

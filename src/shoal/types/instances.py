@@ -24,6 +24,11 @@ CommBackend = Literal["gloo", "nccl"]
 """The `torch.distributed` backend the runners of one instance use between themselves."""
 CommBackendChoice = Literal["auto", "gloo", "nccl"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
+WeightQuant = Literal["none", "int8", "int4", "auto"]
+"""Weight-only quantization the runners apply after loading (`shoal.engine.quant.quantize_model`'s modes):
+int8 per channel, int4 group-wise, or "auto" (per weight the smallest format that stays accurate)."""
+DEFAULT_WEIGHT_QUANT: WeightQuant = "auto"
+"""What a placement request gets when it does not say: the same default as `shoal generate --quant`."""
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -83,7 +88,8 @@ class ModelCard(FrozenModel):
 class PlacementRequest(FrozenModel):
     """What a person asks for. `node_ids`, when given, is the exact set of nodes to use (placement still
     orders their ranks). `kv_headroom_tokens`: tokens of KV cache to reserve memory for (None: the
-    placement default, see `shoal.master.shard_memory`)."""
+    placement default, see `shoal.master.shard_memory`). `quant`: the weight quantization the runners
+    apply after loading."""
 
     model_id: ModelName
     sharding: ShardingChoice = "auto"
@@ -91,6 +97,7 @@ class PlacementRequest(FrozenModel):
     backend: CommBackendChoice = "auto"
     node_ids: tuple[NodeIdField, ...] | None = None
     kv_headroom_tokens: Annotated[int, Field(ge=0)] | None = None
+    quant: WeightQuant = DEFAULT_WEIGHT_QUANT
 
     @model_validator(mode="after")
     def _check_nodes(self) -> Self:
@@ -148,12 +155,16 @@ class GroupAddress(FrozenModel):
 
 
 class Instance(FrozenModel):
+    """`quant`: the weight quantization every runner applies after loading its shard (instances recorded
+    before it existed ran unquantized, hence that default here; requests default to DEFAULT_WEIGHT_QUANT)."""
+
     instance_id: InstanceIdField
     card: ModelCard
     sharding: Sharding
     backend: CommBackend
     shards: tuple[ShardAssignment, ...]
     rendezvous: GroupAddress
+    quant: WeightQuant = "none"
 
     @model_validator(mode="after")
     def _check_shards(self) -> Self:

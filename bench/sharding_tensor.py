@@ -1,0 +1,200 @@
+"""Tensor-parallel half of bench/sharding.py: decode tok/s of a ~1B-shape random-weight Llama on 1 rank
+pinned to one core vs 2 tensor-parallel ranks pinned to one core each.
+
+It runs the runner processes directly under a `RunnerSupervisor` in this process (the same
+`python -m shoal.runner` processes, RunnerSpecs and gloo group a node spawns), not through `shoal node`
+processes: on a 2-core box the two nodes' own event loops would share the two pinned cores and measure
+the nodes, not tensor parallelism. Each runner has 1 torch thread and `cpu_affinity` set to its core.
+
+Per decode step a tensor-parallel rank makes 35 collectives with 16 layers: the step's control exchange
+(1 all-reduce: delta, stop votes, sampled-token check), the vocabulary-parallel embedding (1), two per
+layer (attention out and MLP down projections, 32) and the LM head's logits (1). The sampled tokens cost
+none: every rank holds the full logits and samples for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import torch
+
+from shoal.engine.sampling import SamplingParams
+from shoal.runner.messages import SubmitTask
+from shoal.runner.spec import RunnerSpec
+from shoal.types.instance_ids import InstanceId, TaskId, runner_id_for
+from shoal.types.runners import is_serving, is_terminal
+from shoal.worker.supervisor import RunnerSupervisor
+
+# ~1B parameters: hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 5632, vocabulary 32000 (TinyLlama's shape).
+SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+}
+PROMPT = list(range(10, 42))  # token ids: the model's vocabulary is its own
+
+
+def write_random_llama(path: Path, shape: dict[str, int] = SHAPE) -> Path:
+    """A Llama folder with random bf16 weights (std 0.02), config.json and a word-level tokenizer."""
+    from safetensors.torch import save_file
+
+    if (path / "model.safetensors").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    hidden, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    head_dim = hidden // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": weight(vocab, hidden), "lm_head.weight": weight(vocab, hidden)}
+    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    for i in range(shape["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        for name, size in (
+            ("self_attn.q_proj", (hidden, hidden)),
+            ("self_attn.k_proj", (kv, hidden)),
+            ("self_attn.v_proj", (kv, hidden)),
+            ("self_attn.o_proj", (hidden, hidden)),
+            ("mlp.gate_proj", (inter, hidden)),
+            ("mlp.up_proj", (inter, hidden)),
+            ("mlp.down_proj", (hidden, inter)),
+        ):
+            tensors[f"{prefix}{name}.weight"] = weight(*size)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{prefix}{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    save_file(tensors, str(path / "model.safetensors.partial"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **shape,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    _write_word_tokenizer(path, vocab)
+    (path / "model.safetensors.partial").rename(path / "model.safetensors")
+    return path
+
+
+def _write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """One word per id ("w0" .. "wN"), split on whitespace: any id decodes, text encodes word by word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w2").save_pretrained(
+        str(path)
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tensor_specs(
+    model: Path, cores: Sequence[int], *, dtype: str, quant: str, instance: str
+) -> list[RunnerSpec]:
+    """One rank per core: a tensor-parallel group of len(cores) ranks, each on 1 thread pinned to its core."""
+    world = len(cores)
+    port = _free_port()
+    return [
+        RunnerSpec.model_validate(
+            {
+                "runner_id": runner_id_for(InstanceId(instance), rank),
+                "instance_id": instance,
+                "sharding": "tensor",
+                "backend": "gloo",
+                "rank": rank,
+                "world_size": world,
+                "layer_start": 0,
+                "layer_end": SHAPE["num_hidden_layers"],
+                "tp_rank": rank,
+                "tp_size": world,
+                "device": "cpu",
+                "rendezvous": {"host": "127.0.0.1", "port": port},
+                "model_path": str(model),
+                "dtype": dtype,
+                "quant": quant,
+                "kv_cache_bytes": 64 << 20,
+                "max_model_len": 512,
+                "num_threads": 1,
+                "cpu_affinity": (core,),
+                "group_timeout_s": 300.0,
+            },
+            strict=False,
+        )
+        for rank, core in enumerate(cores)
+    ]
+
+
+async def _decode_tok_s(supervisor: RunnerSupervisor, spec: RunnerSpec, task_id: str, tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    stamps: list[float] = []
+    counts: list[int] = []
+    async for chunk in supervisor.submit(spec.runner_id, SubmitTask(TaskId(task_id), PROMPT, params)):
+        if chunk.error is not None:
+            raise RuntimeError(f"task {task_id}: {chunk.error}")
+        if chunk.token_ids:
+            stamps.append(time.perf_counter())
+            counts.append(len(chunk.token_ids))
+    return (sum(counts) - counts[0]) / (stamps[-1] - stamps[0])
+
+
+async def measure(specs: list[RunnerSpec], tokens: int, requests: int) -> list[float]:
+    """Decode tok/s of `requests` greedy requests (one at a time) after one warm-up request."""
+    async with RunnerSupervisor() as supervisor:
+        for spec in specs:
+            await supervisor.spawn(spec)
+        with anyio.fail_after(900):
+            while True:
+                statuses = [supervisor.status(spec.runner_id) for spec in specs]
+                if any(is_terminal(s) for s in statuses):
+                    raise RuntimeError(f"a runner ended before serving: {statuses}")
+                if all(is_serving(s) for s in statuses):
+                    break
+                await anyio.sleep(0.2)
+        rank0 = specs[0]
+        await _decode_tok_s(supervisor, rank0, f"{rank0.instance_id}-warm", 4)
+        return [
+            await _decode_tok_s(supervisor, rank0, f"{rank0.instance_id}-{i}", tokens)
+            for i in range(requests)
+        ]
+
+
+def run_tensor_bench(
+    model_dir: Path, *, tokens: int, requests: int, dtype: str, quant: str, cores: tuple[int, int]
+) -> dict[str, float]:
+    model = write_random_llama(model_dir)
+    results: dict[str, float] = {}
+    placements = {"1 rank, 1 core": cores[:1], "2 TP ranks, 1 core each": cores}
+    for index, (name, ranks) in enumerate(placements.items()):
+        specs = tensor_specs(model, ranks, dtype=dtype, quant=quant, instance=f"tp{index}")
+        runs = anyio.run(measure, specs, tokens, requests)
+        results[name] = statistics.median(runs)
+        print(f"{name:>24}: {results[name]:7.2f} decode tok/s (runs: {', '.join(f'{r:.2f}' for r in runs)})")
+    ratio = results["2 TP ranks, 1 core each"] / results["1 rank, 1 core"]
+    print(f"2 TP ranks / 1 rank: {ratio:.2f}x (target >= 1.5x)")
+    return results
