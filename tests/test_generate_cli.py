@@ -36,8 +36,8 @@ def test_prompt_streams_an_answer_and_stats(cache_home: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "TTFT" in result.stderr and "tok/s" in result.stderr
-    # weights are quantized by default ("auto": int4 where lossless, int8 for the Q8_0 head)
-    assert "quantization auto: 120 int4, 1 int8" in result.stderr
+    # weights are quantized by default ("auto": int4 where lossless, int8-refined int4 for the Q8_0 head)
+    assert "quantization auto: 120 int4, 1 int4+int8" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -17,9 +17,8 @@ import torch
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.errors import ShoalError
 from shoal.engine.llm_engine import EngineConfig, LLMEngine, Prompt, load_engine
-from shoal.engine.model_runner import ModelRunner
 from shoal.engine.output_processor import RequestOutput
-from shoal.engine.quant import QUANT_MODES, quantize_model
+from shoal.engine.quant import QUANT_MODES
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import default_cache_dir
 
@@ -104,12 +103,10 @@ def _load(args: argparse.Namespace) -> LLMEngine:
         max_model_len=args.max_model_len,
         config=EngineConfig(),
         tokenizer_cache_dir=default_cache_dir(),
+        quant=args.quant,
     )
-    if args.quant != "none":
-        runner = engine.runner
-        assert isinstance(runner, ModelRunner)  # load_engine builds one
-        summary = quantize_model(runner.model, args.quant, device=args.device)
-        print(f"shoal generate: {summary.describe()}", file=sys.stderr)
+    if engine.quantization is not None:
+        print(f"shoal generate: {engine.quantization.describe()}", file=sys.stderr)
     return engine
 
 

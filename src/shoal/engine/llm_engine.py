@@ -23,6 +23,7 @@ from shoal.engine.config import ModelConfig
 from shoal.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from shoal.engine.model_runner import DEFAULT_KV_CACHE_BYTES, ModelRunner, ThreadPolicy
 from shoal.engine.output_processor import FINISH_ABORT, OutputProcessor, RequestOutput
+from shoal.engine.quant import QUANT_MODES, QuantizationSummary, quantize_model
 from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.engine.sequence import RequestStats
@@ -93,6 +94,8 @@ class LLMEngine:
         self._seqs: dict[int, Seq] = {}
         self._pending: list[RequestOutput] = []
         self._seq_ids = itertools.count()
+        # what `load_engine(quant=...)` installed (None: not quantized by it)
+        self.quantization: QuantizationSummary | None = None
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request; raises InvalidRequestError (or ContextLengthExceededError) and queues nothing."""
@@ -226,14 +229,19 @@ def load_engine(
     tokenizer_cache_dir: Path | None = None,
     threads: ThreadPolicy | None = ThreadPolicy(),  # noqa: B008 (frozen, so a shared default is safe)
     compile_decode: bool = False,
+    quant: str = "none",
 ) -> LLMEngine:
     """Tokenizer first (a bad path fails fast, before any weight is read), then the model runner.
 
     `threads`: the CPU thread policy per step (default: decode steps on 1 thread, prefill on all of
     torch's threads; see ThreadPolicy); None leaves torch's thread count alone. `compile_decode`: run
     decode steps through torch.compile'd layers (compiles lazily on the first decode steps; see
-    `LlamaForCausalLM.compile_decode`).
+    `LlamaForCausalLM.compile_decode`). `quant`: weight quantization mode ("none", "int8", "int4",
+    "auto"; see `shoal.engine.quant.quantize_model`), applied right after loading; the summary is
+    `engine.quantization`.
     """
+    if quant not in QUANT_MODES:  # before anything is loaded
+        raise ValueError(f"unknown quantization mode {quant!r}: expected one of {', '.join(QUANT_MODES)}")
     config = config or EngineConfig()
     tokenizer = load_tokenizer(Path(model_path), cache_dir=tokenizer_cache_dir)
     runner = ModelRunner(
@@ -246,7 +254,10 @@ def load_engine(
         threads=threads,
         compile_decode=compile_decode,
     )
-    return LLMEngine(runner, tokenizer, config)
+    summary = quantize_model(runner.model, quant, device=device) if quant != "none" else None
+    engine = LLMEngine(runner, tokenizer, config)
+    engine.quantization = summary
+    return engine
 
 
 def _output(

@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantization for the engine's linear layers and LM head (CPU and CUDA)."""
 
 from shoal.engine.quant.apply import (
+    DEFAULT_DENSE_COPY_BYTES,
     DEFAULT_INT4_GROUP_SIZE,
     QUANT_MODES,
     QuantizationSummary,
@@ -16,9 +17,11 @@ from shoal.engine.quant.formats import (
     quantize_int8,
     relative_error,
 )
+from shoal.engine.quant.head import RefinedHeadKernel
 from shoal.engine.quant.kernels import Int4Kernel, Int8Kernel
 
 __all__ = [
+    "DEFAULT_DENSE_COPY_BYTES",
     "DEFAULT_INT4_GROUP_SIZE",
     "QUANT_MODES",
     "Int4Kernel",
@@ -27,6 +30,7 @@ __all__ = [
     "Int8Weight",
     "QuantMode",
     "QuantizationSummary",
+    "RefinedHeadKernel",
     "dequantize_int4",
     "dequantize_int8",
     "quantize_int4",
