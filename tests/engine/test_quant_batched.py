@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shoal.engine.batch import ScheduledChunk
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.layers import LinearBase
 from shoal.engine.llm_engine import Prompt, load_engine
@@ -130,3 +131,30 @@ def test_load_engine_auto_decodes_the_same_in_a_batch_as_alone(
     for prompt, together in zip(prompts[:4], batched[:4], strict=True):
         (alone,) = engine.generate([prompt], params)
         assert together.token_ids == alone.token_ids
+
+
+# inductor's own imports use the deprecated torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_decode_runs_a_quantized_batch_like_eager(tmp_path: Path) -> None:
+    """Batched decode of a quantized model goes through the dense copies, which compiled steps call eagerly."""
+    write_tiny_model(tmp_path, "llama", hidden_size=128, intermediate_size=256)
+    runners = []
+    for compiled in (False, True):
+        runner = ModelRunner(
+            tmp_path, dtype=torch.bfloat16, kv_cache_bytes=1 << 20, block_size=4, compile_decode=compiled
+        )
+        assert quantize_model(runner.model, "int4").dense_copy_bytes > 0
+        runners.append(runner)
+    num_seqs = CPU_SMALL_M_DENSE + 2
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (5,), generator=gen).tolist() for _ in range(num_seqs)]
+    tables = [(2 * s, 2 * s + 1) for s in range(num_seqs)]
+    logits = []
+    for runner in runners:
+        runner.execute([ScheduledChunk(s, tuple(p[:4]), 0, tables[s], False) for s, p in enumerate(prompts)])
+        logits.append(
+            runner.execute([ScheduledChunk(s, (p[4],), 4, tables[s], True) for s, p in enumerate(prompts)])
+        )
+    eager, compiled = logits
+    assert relative_error(eager, compiled) < 0.01
+    assert torch.equal(eager.argmax(-1), compiled.argmax(-1))

@@ -171,8 +171,15 @@ class DenseWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) -> (M, N)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+            return _packed_linear(x, self.weight)
         return F.linear(x, self.weight)
+
+
+# Inductor lowers this op only for weights it packed itself (graph constants), so a compiled decode step
+# (`LlamaForCausalLM.compile_decode`) calls it eagerly, outside the graph.
+@torch.compiler.disable
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 _MKLDNN_LINEAR: list[bool] = []
