@@ -343,3 +343,5 @@ def test_errors_in_anthropic_shape(client: anthropic.Anthropic, served: Served) 
     assert no_max.status_code == 400
     assert no_max.json()["type"] == "error" and no_max.json()["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in no_max.json()["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError, match="NUL"):
+        client.messages.create(model="default\x00", max_tokens=4, messages=COUNT)

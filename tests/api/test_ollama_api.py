@@ -137,7 +137,9 @@ STORY = "Write a long story about a cat."
 
 
 def _post(served: Served, path: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{served.url}{path}", json=body, headers=served.headers, timeout=60)
+    # json.dumps escapes what UTF-8 cannot carry (lone surrogates), as other clients' JSON may hold
+    headers = {**served.headers, "Content-Type": "application/json"}
+    return httpx.post(f"{served.url}{path}", content=json.dumps(body), headers=headers, timeout=60)
 
 
 def _stream(served: Served, path: str, body: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
@@ -243,6 +245,8 @@ def test_tags_show_ps_version(served: Served) -> None:
         ("/api/generate", {"model": "default", "prompt": "hi", "options": {"top_k": "many"}}, 400, "top_k"),
         ("/api/chat", {"model": "default", "messages": "hi"}, 400, "messages"),
         ("/api/generate", {"prompt": "hi"}, 400, "model"),
+        ("/api/show", {"model": "a\x00b"}, 400, "NUL"),
+        ("/api/generate", {"model": "default", "prompt": "hi\udad9", "raw": True}, 400, "prompt"),
     ],
 )
 def test_errors_in_ollama_shape(

@@ -26,8 +26,11 @@ from pydantic import ValidationError
 
 from shoal.api.anthropic_models import (
     CountTokensBody,
+    ErrorResponse,
     MessageEvents,
+    MessageOut,
     MessagesBody,
+    TokenCount,
     chat_prompt,
     error_body,
     message,
@@ -45,13 +48,25 @@ from shoal.api.service import ApiProblem, Generation, GenerationRequest, Generat
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"description": description}
+    status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "invalid_request_error"),
+        (400, "invalid_request_error: a field shoal cannot take or honour"),
         (404, "not_found_error: no instance of the model"),
         (500, "api_error: the generation failed"),
         (503, "overloaded_error: the model is loading (Retry-After)"),
     )
+}
+MESSAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": MessageOut,
+        "description": "The message, or with `stream: true` its events (SSE)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **ERROR_RESPONSES,
+}
+COUNT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": TokenCount, "description": "The prompt's tokens"},
+    **ERROR_RESPONSES,
 }
 
 
@@ -93,7 +108,7 @@ class AnthropicRoute(APIRoute):
 def add_anthropic_routes(app: FastAPI, service: GenerationService) -> None:
     router = APIRouter(route_class=AnthropicRoute, tags=["anthropic"])
 
-    @router.post("/v1/messages", response_model=None, responses=ERROR_RESPONSES)
+    @router.post("/v1/messages", response_model=None, responses=MESSAGE_RESPONSES)
     async def create_message(body: MessagesBody) -> JSONResponse | StreamingResponse:
         try:
             refuse_unsupported(body)
@@ -115,7 +130,7 @@ def add_anthropic_routes(app: FastAPI, service: GenerationService) -> None:
             )
         return await _answer(generation, body, parse_tools=bool(tools))
 
-    @router.post("/v1/messages/count_tokens", response_model=None, responses=ERROR_RESPONSES)
+    @router.post("/v1/messages/count_tokens", response_model=None, responses=COUNT_RESPONSES)
     async def count_tokens(body: CountTokensBody) -> JSONResponse:
         try:
             tools = tool_specs(body.tools, body.tool_choice)

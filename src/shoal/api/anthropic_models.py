@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shoal.api.service import ApiProblem, generation_params
 from shoal.api.tool_calls import ParsedCall, ToolCallStream, parse_tool_calls
@@ -41,6 +41,20 @@ ERROR_TYPES = {
 }
 # How far back (in tokens) a stop sequence that the last token completed may start.
 STOP_WINDOW_TOKENS = 64
+
+
+def _checked_model_name(name: str) -> str:
+    # A name becomes a path when matched against local models: a NUL or a lone surrogate cannot be one.
+    if "\x00" in name:
+        raise ValueError("a model name cannot hold a NUL character")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise ValueError("a model name must be valid Unicode text") from None
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_checked_model_name)]
 
 
 class _Body(BaseModel):
@@ -87,7 +101,7 @@ class ToolChoice(_Body):
 
 
 class MessagesBody(_Body):
-    model: str
+    model: ModelName
     max_tokens: int = Field(ge=1)
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
@@ -105,15 +119,53 @@ class MessagesBody(_Body):
 
 
 class CountTokensBody(_Body):
-    model: str
+    model: ModelName
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[Tool] = []
     tool_choice: ToolChoice | None = None
 
 
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal and failure: {"type": "error", "error": {"type": ..., "message": ...}}."""
+
+    type: Literal["error"]
+    error: ErrorInfo
+
+
+class UsageOut(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+class MessageOut(BaseModel):
+    """The answer of a non-streamed request (documentation: the route builds it as a dict)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: UsageOut
+
+
+class TokenCount(BaseModel):
+    input_tokens: int
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type, "message": message}}
+    # A message may quote the request; lone surrogates in it could not be encoded as UTF-8 JSON.
+    readable = message.encode("utf-8", "backslashreplace").decode()
+    return {"type": "error", "error": {"type": error_type, "message": readable}}
 
 
 def problem_error_type(problem: ApiProblem) -> str:

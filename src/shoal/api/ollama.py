@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from shoal import __version__
 from shoal.api.ollama_models import (
     ChatBody,
+    ErrorResponse,
     GenerateBody,
     OllamaLines,
     ShowBody,
@@ -57,10 +58,23 @@ from shoal.types.runners import is_serving
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "a field shoal cannot honour"},
-    404: {"description": "no instance of the model"},
-    500: {"description": "the generation failed"},
-    503: {"description": "the model is loading (Retry-After)"},
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "a field shoal cannot take or honour"),
+        (404, "no instance of the model"),
+        (500, "the generation failed"),
+        (503, "the model is loading (Retry-After)"),
+    )
+}
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "NDJSON objects as tokens arrive, or one object with `stream: false`",
+        "content": {
+            "application/x-ndjson": {"schema": {"type": "object"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    },
+    **ERROR_RESPONSES,
 }
 # Instances stay until they are deleted; /api/ps needs some expiry time to show.
 NEVER_EXPIRES = timedelta(days=365 * 100)
@@ -68,7 +82,9 @@ NEVER_EXPIRES = timedelta(days=365 * 100)
 
 def ollama_error(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    # A message may quote the request; lone surrogates in it could not be encoded as UTF-8 JSON.
+    readable = message.encode("utf-8", "backslashreplace").decode()
+    return JSONResponse({"error": readable}, status_code=status, headers=headers)
 
 
 def problem_response(problem: ApiProblem) -> JSONResponse:
@@ -145,7 +161,7 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
             return ollama_error(status, chosen.reason, 2 if chosen.loading else None)
         return JSONResponse({"model": model, "created_at": timestamp(), "done": True, "done_reason": "load"})
 
-    @router.post("/api/chat", response_model=None, responses=ERROR_RESPONSES)
+    @router.post("/api/chat", response_model=None, responses=GENERATION_RESPONSES)
     async def chat(body: ChatBody) -> Response:
         if not body.messages:
             return loaded(body.model)
@@ -164,7 +180,7 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
         lines = OllamaLines(body.model, chat=True, parse_tools=bool(tools), started_ns=started_ns)
         return await _respond(generation, lines, body.stream)
 
-    @router.post("/api/generate", response_model=None, responses=ERROR_RESPONSES)
+    @router.post("/api/generate", response_model=None, responses=GENERATION_RESPONSES)
     async def generate(body: GenerateBody) -> Response:
         if not body.prompt and not body.system:
             return loaded(body.model)
@@ -206,7 +222,11 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
         ]
         return {"models": models}
 
-    @router.post("/api/show", response_model=None, responses=ERROR_RESPONSES)
+    @router.post(
+        "/api/show",
+        response_model=None,
+        responses={**ERROR_RESPONSES, 200: {"description": "The model's details"}},
+    )
     async def show(body: ShowBody) -> JSONResponse:
         asked = body.model or body.name
         if not asked:

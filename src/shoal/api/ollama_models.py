@@ -19,13 +19,21 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from shoal.api.service import ApiProblem, generation_params
 from shoal.api.tool_calls import ParsedCall, ToolCallStream, new_call_id
-from shoal.types.generation import ChatMessage, GenerationChunk, GenerationParams, Prompt, ToolCall, ToolSpec
+from shoal.types.generation import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationParams,
+    Prompt,
+    Text,
+    ToolCall,
+    ToolSpec,
+)
 from shoal.types.instances import ModelCard
 
 LATEST = ":latest"
@@ -74,6 +82,20 @@ RUNTIME_OPTIONS = frozenset(
 NEUTRAL_OPTIONS: dict[str, float] = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
 
 
+def _checked_model_name(name: str) -> str:
+    # A name becomes a path when matched against local models: a NUL or a lone surrogate cannot be one.
+    if "\x00" in name:
+        raise ValueError("a model name cannot hold a NUL character")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise ValueError("a model name must be valid Unicode text") from None
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_checked_model_name)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -107,7 +129,7 @@ class Tool(_Body):
 
 
 class _Request(_Body):
-    model: str
+    model: ModelName
     format: str | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     stream: bool = True
@@ -121,8 +143,8 @@ class ChatBody(_Request):
 
 
 class GenerateBody(_Request):
-    prompt: str = ""
-    system: str | None = None
+    prompt: Text = ""  # checked here: a raw prompt goes to the runner as it is
+    system: Text | None = None
     raw: bool = False
     suffix: str | None = None
     template: str | None = None
@@ -131,8 +153,12 @@ class GenerateBody(_Request):
 
 
 class ShowBody(_Body):
-    model: str | None = None
-    name: str | None = None  # older clients
+    model: ModelName | None = None
+    name: ModelName | None = None  # older clients
+
+
+class ErrorResponse(BaseModel):
+    error: str
 
 
 def bad(message: str, param: str) -> ApiProblem:
