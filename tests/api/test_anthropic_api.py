@@ -12,6 +12,7 @@ import anthropic
 import httpx
 import pytest
 
+from shoal.api.anthropic import problem_response
 from shoal.api.anthropic_models import (
     InputMessage,
     MessageEvents,
@@ -181,6 +182,18 @@ def test_a_failed_task_ends_the_stream_with_an_error_event() -> None:
     assert "message_stop" not in [name for name, _ in events]
 
 
+def test_refusals_map_to_anthropic_errors_with_retry_after() -> None:
+    loading = problem_response(ApiProblem(503, "model_loading", "loading", retry_after_s=2))
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "2"
+    assert json.loads(loading.body) == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "loading"},
+    }
+    missing = problem_response(ApiProblem(404, "model_not_found", "no model 'x\udad9'"))
+    assert json.loads(missing.body)["error"] == {"type": "not_found_error", "message": "no model 'x\\udad9'"}
+    assert "retry-after" not in missing.headers
+
+
 # --- a live node --------------------------------------------------------------------------------------
 
 
@@ -238,7 +251,7 @@ def test_streamed_message_equals_the_unstreamed_one(client: anthropic.Anthropic)
             arrivals.append(time.monotonic())
         final = stream.get_final_message()
     ended = time.monotonic()
-    assert len(arrivals) > 1 and arrivals[0] < ended  # tokens arrive as they are made
+    assert len(arrivals) > 1 and ended - arrivals[0] > 0.02  # tokens arrive as they are made
     assert final.content[0].type == "text" and final.content[0].text == expected.content[0].text
     assert final.stop_reason == expected.stop_reason == "max_tokens"
     assert final.usage.output_tokens == 16
@@ -269,7 +282,7 @@ def test_raw_event_framing_and_first_token_before_the_end(served: Served) -> Non
     assert names[:3] == ["message_start", "ping", "content_block_start"]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert names.count("content_block_delta") > 1
-    assert 0 < first_delta_at < stop_at
+    assert first_delta_at > 0 and stop_at - first_delta_at > 0.02  # not all at once at the end
 
 
 def test_tools_reach_the_prompt_and_tool_turns_are_accepted(client: anthropic.Anthropic) -> None:
@@ -343,5 +356,8 @@ def test_errors_in_anthropic_shape(client: anthropic.Anthropic, served: Served) 
     assert no_max.status_code == 400
     assert no_max.json()["type"] == "error" and no_max.json()["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in no_max.json()["error"]["message"]
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "aGk="}}
+    with pytest.raises(anthropic.BadRequestError, match="image"):
+        client.messages.create(model="default", max_tokens=4, messages=[{"role": "user", "content": [image]}])
     with pytest.raises(anthropic.BadRequestError, match="NUL"):
         client.messages.create(model="default\x00", max_tokens=4, messages=COUNT)

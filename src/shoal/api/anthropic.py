@@ -133,7 +133,9 @@ def add_anthropic_routes(app: FastAPI, service: GenerationService) -> None:
     @router.post("/v1/messages/count_tokens", response_model=None, responses=COUNT_RESPONSES)
     async def count_tokens(body: CountTokensBody) -> JSONResponse:
         try:
-            tools = tool_specs(body.tools, body.tool_choice)
+            # counting forces nothing: a tool_choice that would force a call counts like "auto"
+            forced = body.tool_choice is not None and body.tool_choice.type in ("any", "tool")
+            tools = tool_specs(body.tools, None if forced else body.tool_choice)
             params = generation_params({"temperature": 0.0, "max_tokens": 1})
             request = GenerationRequest(body.model, chat_prompt(body.system, body.messages), params, tools)
             generation = service.open(request, api="anthropic_count_tokens")
