@@ -26,6 +26,7 @@ import torch
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.llm_engine import EngineConfig, LLMEngine
 from shoal.engine.model_runner import ModelRunner, ThreadPolicy
+from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import load_tokenizer
 
@@ -136,13 +137,8 @@ def main() -> None:
             compile_decode=args.compile,
             threads=ThreadPolicy(small_step_threads=args.decode_threads, large_step_threads=args.threads),
         )
-        if mode != "none":
-            try:
-                from shoal.engine.quant import quantize_model
-            except ImportError:
-                print(f"{mode}: no quant module, skipped")
-                continue
-            print(quantize_model(runner.model, mode).describe())
+        # "none" too: on CPU it prepacks the bf16 weights, as load_engine does
+        print(quantize_model(runner.model, mode).describe())
         config = EngineConfig(max_num_batched_tokens=2048, max_num_seqs=64, enable_prefix_caching=False)
         engine = LLMEngine(runner, tokenizer, config)
         timer = StepTimer(runner)

@@ -9,7 +9,7 @@ import torch
 
 from shoal.engine.batch import ScheduledChunk
 from shoal.engine.embedded import embedded_model_path
-from shoal.engine.layers import LinearBase
+from shoal.engine.layers import LinearBase, ParallelLMHead
 from shoal.engine.llm_engine import Prompt, load_engine
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.quant import (
@@ -24,7 +24,7 @@ from shoal.engine.quant import (
     relative_error,
 )
 from shoal.engine.quant.head import CPU_SMALL_M_HEAD
-from shoal.engine.quant.kernels import CPU_SMALL_M_DENSE
+from shoal.engine.quant.kernels import CPU_SMALL_M_DENSE, DenseKernel, packs_dense
 from shoal.engine.sampling import SamplingParams
 from tests.engine.tiny_models import write_tiny_model
 
@@ -158,3 +158,25 @@ def test_compiled_decode_runs_a_quantized_batch_like_eager(tmp_path: Path) -> No
     eager, compiled = logits
     assert relative_error(eager, compiled) < 0.01
     assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
+
+
+def test_none_mode_prepacks_bf16_weights_without_changing_the_logits(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path, "qwen2", hidden_size=128, intermediate_size=256)  # untied head, qkv bias
+
+    def logits(mode: str | None) -> tuple[torch.Tensor, list[object]]:
+        runner = ModelRunner(tmp_path, dtype=torch.bfloat16, kv_cache_bytes=1 << 20, block_size=4)
+        if mode is not None:
+            summary = quantize_model(runner.model, mode)
+            assert set(summary.formats.values()) == {"none"}
+            assert summary.weight_bytes_after == summary.weight_bytes_before
+        kernels = [m._kernel for m in runner.model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
+        prompt = tuple(range(3, 20))
+        out = runner.execute([ScheduledChunk(0, prompt, 0, tuple(range(5)), True)])[0]
+        return out, kernels
+
+    plain, plain_kernels = logits(None)
+    packed, packed_kernels = logits("none")
+    assert all(k is None for k in plain_kernels)
+    if packs_dense(torch.ones(1, 1, dtype=torch.bfloat16)):  # a torch build with oneDNN
+        assert all(isinstance(k, DenseKernel) for k in packed_kernels)
+    assert torch.equal(plain, packed)

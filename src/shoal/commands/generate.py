@@ -105,7 +105,7 @@ def _load(args: argparse.Namespace) -> LLMEngine:
         tokenizer_cache_dir=default_cache_dir(),
         quant=args.quant,
     )
-    if engine.quantization is not None:
+    if engine.quantization is not None and args.quant != "none":
         print(f"shoal generate: {engine.quantization.describe()}", file=sys.stderr)
     return engine
 

@@ -94,7 +94,7 @@ class LLMEngine:
         self._seqs: dict[int, Seq] = {}
         self._pending: list[RequestOutput] = []
         self._seq_ids = itertools.count()
-        # what `load_engine(quant=...)` installed (None: not quantized by it)
+        # what `load_engine(quant=...)` installed (None: an engine built around a runner by hand)
         self.quantization: QuantizationSummary | None = None
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
@@ -237,8 +237,8 @@ def load_engine(
     torch's threads; see ThreadPolicy); None leaves torch's thread count alone. `compile_decode`: run
     decode steps through torch.compile'd layers (compiles lazily on the first decode steps; see
     `LlamaForCausalLM.compile_decode`). `quant`: weight quantization mode ("none", "int8", "int4",
-    "auto"; see `shoal.engine.quant.quantize_model`), applied right after loading; the summary is
-    `engine.quantization`.
+    "auto"; see `shoal.engine.quant.quantize_model`, which runs for "none" too), applied right after
+    loading; the summary is `engine.quantization`.
     """
     if quant not in QUANT_MODES:  # before anything is loaded
         raise ValueError(f"unknown quantization mode {quant!r}: expected one of {', '.join(QUANT_MODES)}")
@@ -254,9 +254,9 @@ def load_engine(
         threads=threads,
         compile_decode=compile_decode,
     )
-    summary = quantize_model(runner.model, quant, device=device) if quant != "none" else None
     engine = LLMEngine(runner, tokenizer, config)
-    engine.quantization = summary
+    # "none" too: it installs the prepacked bf16 weights on CPU (see quantize_model)
+    engine.quantization = quantize_model(runner.model, quant, device=device)
     return engine
 
 

@@ -2,7 +2,8 @@
 
 Inputs: a model whose linear layers are `LinearBase` and whose head is a `ParallelLMHead` (any shard of
 it), already holding its float weights; a mode:
-- "none": leave every product in the model dtype;
+- "none": leave every product in the model dtype (on CPU in bf16, through `DenseKernel`'s prepacked
+  weight: the same numbers as F.linear, ~2x faster at decode sizes);
 - "int8": per-channel int8 everywhere;
 - "int4": group-wise int4 everywhere (int8 where the device's int4 kernel does not take a shape);
 - "auto": per weight, the smallest format that is accurate enough and has a fused decode kernel on this
@@ -41,7 +42,14 @@ from shoal.engine.quant.formats import (
     relative_error,
 )
 from shoal.engine.quant.head import RefinedHeadKernel
-from shoal.engine.quant.kernels import Int4Kernel, Int8Kernel, has_fused_int8, int4_supported
+from shoal.engine.quant.kernels import (
+    DenseKernel,
+    Int4Kernel,
+    Int8Kernel,
+    has_fused_int8,
+    int4_supported,
+    packs_dense,
+)
 
 QuantMode = Literal["none", "int8", "int4", "auto"]
 QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "auto")
@@ -51,7 +59,7 @@ INT8_MAX_REL_ERROR = 0.02
 INT4_MAX_REL_ERROR = 0.01
 DEFAULT_DENSE_COPY_BYTES = 1 << 30
 
-Kernel = Int8Kernel | Int4Kernel | RefinedHeadKernel
+Kernel = Int8Kernel | Int4Kernel | RefinedHeadKernel | DenseKernel
 Format = Literal["int8", "int4", "int4+int8"]
 
 
@@ -98,11 +106,15 @@ def quantize_model(
     for name, module, weight, dev, fmt in plan:
         before += weight.nbytes
         formats[name] = fmt or "none"
-        if fmt is None:
-            after += weight.nbytes
+        after += weight.nbytes if fmt is None else 0
+        if fmt is None and not (dev == weight.device and packs_dense(weight)):
             continue
-        kernel = _build(weight, fmt, dev, group_size, keep_dense and dev.type == "cpu")
-        after += kernel.nbytes
+        kernel = (
+            DenseKernel(weight)
+            if fmt is None
+            else _build(weight, fmt, dev, group_size, keep_dense and dev.type == "cpu")
+        )
+        after += kernel.nbytes if fmt is not None else 0
         kept += kernel.dense_nbytes
         module.set_weight_kernel(kernel)
         if isinstance(module, ParallelLMHead) and id(module) not in tied:

@@ -141,6 +141,37 @@ class Int4Kernel:
         return y if in_dtype == self.compute_dtype else y.to(in_dtype)
 
 
+class DenseKernel:
+    """An unquantized bf16 weight, prepacked for oneDNN on CPU (see `DenseWeight`).
+
+    `F.linear` reorders a plain bf16 weight on every call, which at decode sizes costs as much as the
+    product itself (3072x576, 1 row: 204 vs 109 us; the 49152x576 head: 7.5 vs 4.4 ms).
+    """
+
+    format = "none"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.dense = DenseWeight(weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.nbytes
+
+    @property
+    def dense_nbytes(self) -> int:
+        return 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def packs_dense(weight: torch.Tensor) -> bool:
+    """Whether `DenseKernel` prepacks this weight (CPU bf16 with oneDNN), i.e. is worth installing."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _has_mkldnn_linear()
+
+
 def _small_m(device: torch.device, dense: bool, per_call_dequantize: int) -> int:
     if device.type == "cuda":
         return CUDA_SMALL_M
