@@ -361,3 +361,31 @@ def test_errors_in_anthropic_shape(client: anthropic.Anthropic, served: Served) 
         client.messages.create(model="default", max_tokens=4, messages=[{"role": "user", "content": [image]}])
     with pytest.raises(anthropic.BadRequestError, match="NUL"):
         client.messages.create(model="default\x00", max_tokens=4, messages=COUNT)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_task(served: Served) -> None:
+    long_count = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
+    body = {"model": "default", "max_tokens": 2000, "messages": long_count, "stream": True, **GREEDY}
+    with httpx.stream(
+        "POST", f"{served.url}/v1/messages", json=body, headers=served.headers, timeout=60
+    ) as sse:
+        for line in sse.iter_lines():
+            if line == "event: content_block_delta":
+                break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{served.url}/metrics", headers=served.headers, timeout=5).text
+        if _metric(text, "shoal_runner_tasks") == 0 and _metric(text, "shoal_requests_in_flight") == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the task was not cancelled:\n{text}")
+    assert _metric(text, "shoal_requests_total", api="anthropic", outcome="cancelled") >= 1
