@@ -241,6 +241,12 @@ def test_stop_sequence_ends_the_message(client: anthropic.Anthropic) -> None:
     )
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.content[0].text == text[: text.index(stop)]
+    with client.messages.stream(
+        model="default", max_tokens=12, extra_body=GREEDY, messages=COUNT, stop_sequences=["zzz", stop]
+    ) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == stop
+    assert streamed.content[0].text == cut.content[0].text
 
 
 def test_streamed_message_equals_the_unstreamed_one(client: anthropic.Anthropic) -> None:
