@@ -32,10 +32,11 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One node with `--api-key`, the embedded model placed and ready (model name "default")."""
+    """One node with `--api-key`, the embedded model placed and ready (model name "default"); offline, so
+    nothing a test asks for is fetched from a hub."""
     cluster = LocalCluster(tmp_path_factory.mktemp("served"), cluster="served")
     try:
-        (node,) = cluster.add(1, api_key=API_KEY, extra=("--runner-threads", "1"))
+        (node,) = cluster.add(1, api_key=API_KEY, extra=("--runner-threads", "1", "--offline"))
         wait_members(cluster, 1)
         response = httpx.post(
             f"{node.api_url}/instances",

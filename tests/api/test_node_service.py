@@ -96,3 +96,16 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(served: Served) -> N
     else:
         raise AssertionError(f"the sequence was not freed:\n{text}")
     assert _metric(text, "shoal_requests_total", api="generate", outcome="cancelled") >= 1
+
+
+def test_the_event_feed_without_follow_ends_after_the_backlog(served: Served) -> None:
+    response = httpx.get(
+        f"{served.url}/events",
+        params={"from_index": 1, "follow": "false"},
+        headers=served.headers,
+        timeout=10,
+    )
+    assert response.status_code == 200
+    ids = [int(line[4:]) for line in response.text.splitlines() if line.startswith("id: ")]
+    assert ids and ids == list(range(1, len(ids) + 1))
+    assert ids[-1] <= httpx.get(f"{served.url}/health", timeout=5).json()["last_index"]

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from shoal.api.errors import error_response
+from shoal.api.errors import documented, error_response
 from shoal.worker.downloads import Downloader, DownloadRefused
 
 
@@ -25,7 +25,12 @@ class DownloadBody(BaseModel):
 
 
 def add_download_routes(app: FastAPI, node: DownloadNode) -> None:
-    @app.post("/models/download", response_model=None)
+    @app.post(
+        "/models/download",
+        response_model=None,
+        status_code=202,
+        responses={202: {"description": "The download, started or already under way"}, **documented(409)},
+    )
     async def download(body: DownloadBody) -> JSONResponse:
         try:
             started = node.downloader.start(body.repo_id, body.revision)
@@ -37,7 +42,7 @@ def add_download_routes(app: FastAPI, node: DownloadNode) -> None:
     async def downloads() -> dict[str, Any]:
         return {"downloads": [d.view() for d in node.downloader.downloads.values()]}
 
-    @app.get("/models/downloads/{download_id}", response_model=None)
+    @app.get("/models/downloads/{download_id}", response_model=None, responses=documented(404))
     async def one_download(download_id: str) -> JSONResponse:
         found = node.downloader.downloads.get(download_id)
         if found is None:

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoal.api.errors import error_response, invalid_response
+from shoal.api.errors import documented, error_response, invalid_response, streamed
 from shoal.api.service import ApiProblem, GenerationRequest, GenerationService, generation_params
 from shoal.types.generation import ChatMessage, Prompt
 
@@ -61,7 +61,14 @@ def _line(payload: dict[str, Any]) -> bytes:
 
 
 def add_generate_route(app: FastAPI, service: GenerationService) -> None:
-    @app.post("/generate", response_model=None)
+    @app.post(
+        "/generate",
+        response_model=None,
+        responses={
+            **streamed("application/x-ndjson", "Lines of deltas, then finish or error, then end"),
+            **documented(400, 404, 503),
+        },
+    )
     async def generate(body: GenerateBody) -> JSONResponse | StreamingResponse:
         if (body.prompt is None) == (body.messages is None):
             return error_response(400, "invalid_request", "give exactly one of prompt and messages")
