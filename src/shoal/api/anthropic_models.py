@@ -378,15 +378,25 @@ class MessageEvents:
     _text_open: bool = False
 
     def start(self) -> list[Event]:
-        shell = message(self.message_id, self.model, Outcome("", (), "", None), usage(0, 0, 0))
-        shell.update(stop_reason=None, stop_sequence=None)
+        # the prompt's size is known only at the end: message_delta carries every count
+        shell: dict[str, Any] = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(0, 0, 0),
+        }
         return [("message_start", {"type": "message_start", "message": shell}), ("ping", {"type": "ping"})]
 
     def feed(self, chunk: GenerationChunk | None) -> list[Event]:
         if chunk is None:
             return [("ping", {"type": "ping"})]  # keep-alive while nothing arrives
         self._text += chunk.text
-        self._logprobs.extend(chunk.logprobs)
+        if chunk.logprobs:  # only the tail can hold the stop sequence
+            self._logprobs = [*self._logprobs, *chunk.logprobs][-STOP_WINDOW_TOKENS:]
         self._num_tokens += len(chunk.token_ids)
         events = self._text_delta(self._tools.feed(chunk.text) if self.parse_tools else chunk.text)
         if chunk.error is not None or chunk.finish_reason == "abort":
