@@ -138,3 +138,10 @@ def test_a_pinned_instance_is_the_only_candidate() -> None:
     assert isinstance(pinned, Instance) and pinned.instance_id == "i2"
     wrong_model = pick_instance(state, "other", {}, InstanceId("i2"))
     assert isinstance(wrong_model, NoInstance) and "no instance i2" in wrong_model.reason
+
+
+def test_a_name_that_is_no_usable_path_matches_nothing() -> None:
+    state = state_of((instance("i1", "m"), RunnerReady()))
+    for name in ("m\x00", "\udcff", "~nobody-such-user/m"):
+        picked = pick_instance(state, name, {})
+        assert isinstance(picked, NoInstance) and not picked.loading

@@ -77,4 +77,9 @@ def matches(name: str, card: ModelCard) -> bool:
     """Whether a request for model `name` can be served by an instance of `card`."""
     if name == DEFAULT_MODEL:
         return card.model_id == EMBEDDED_MODEL_NAME
-    return name in (card.model_id, card.source) or str(Path(name).expanduser().resolve()) == card.source
+    if name in (card.model_id, card.source):
+        return True
+    try:
+        return str(Path(name).expanduser().resolve()) == card.source
+    except (ValueError, OSError, RuntimeError):  # not a usable path (a NUL byte, a loop): a name only
+        return False
