@@ -30,7 +30,7 @@ from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.output_processor import RequestOutput
 from shoal.engine.sampling import SampleResult, SamplingParams
 from shoal.engine.tokenizer import Tokenizer
-from shoal.runner.group import StepChannel, start_group, stop_group
+from shoal.runner.group import StepChannel, open_channel, start_group, stop_group
 from shoal.runner.link import SupervisorLink
 from shoal.runner.messages import CancelTask, SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerFaults, RunnerSpec, StallStage
@@ -74,13 +74,13 @@ def serve(spec: RunnerSpec, conn: Connection, faults: RunnerFaults) -> int:
             torch.set_num_threads(spec.num_threads)
         link.report(RunnerConnecting())
         enter("connecting")
-        start_group(spec)
+        store = start_group(spec)
         if spec.cpu_affinity is not None:
             _pin(spec.cpu_affinity)
         link.report(RunnerConnected())
         link.report(RunnerLoading(layers_done=0, layers_total=spec.layer_end - spec.layer_start))
         enter("loading")
-        channel = StepChannel(spec)
+        channel = open_channel(spec, store)
         engine = build_engine(spec, channel)
         link.report(RunnerLoaded())
         link.report(RunnerWarmingUp())

@@ -106,7 +106,9 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         Path(spec.model_path),
         cache_dir=Path(spec.tokenizer_cache_dir) if spec.tokenizer_cache_dir else None,
     )
-    communicator: Communicator | None = TorchDistributedCommunicator() if spec.tp_size > 1 else None
+    communicator: Communicator | None = None
+    if spec.tp_size > 1:
+        communicator = channel.mesh if channel.mesh is not None else TorchDistributedCommunicator()
     runner = ModelRunner(
         spec.model_path,
         shard=ShardSpec(spec.tp_rank, spec.tp_size, spec.layer_start, spec.layer_end),
