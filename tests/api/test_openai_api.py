@@ -306,6 +306,7 @@ def test_malformed_bodies_are_400_naming_the_field(served: Served) -> None:
             "messages.[0].content",
         ),
         ({"model": "default", "messages": [{"role": "tool", "content": "x"}]}, "messages.[0].tool_call_id"),
+        ({"model": "default", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
     ]
     for body, param in cases:
         response = httpx.post(url, json=body, headers=served.headers, timeout=10)

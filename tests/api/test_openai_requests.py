@@ -113,7 +113,8 @@ def test_tools_are_offered_unless_tool_choice_is_none() -> None:
         ({"logit_bias": {"1": 2.0}}, "logit_bias"),
         ({"temperature": -0.5}, "temperature"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
-        ({"max_completion_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages.[0].content",

@@ -169,6 +169,19 @@ def _streaming(generation: Generation, stream: ChatStream | CompletionStream) ->
     )
 
 
+async def _collect(generation: Generation) -> str | JSONResponse:
+    """Run a non-streamed answer to its end: its finish reason, or the error answer when it failed."""
+    try:
+        await generation.collect()
+    except Exception as error:
+        # The top of this request: whatever broke becomes an answer the client can read.
+        log.exception("OpenAI request on instance %s failed", generation.instance.instance_id)
+        return generation_failed(f"{type(error).__name__}: {error}")
+    if generation.error is not None or generation.finish_reason is None:
+        return generation_failed(generation.error or "the generation ended without finishing")
+    return generation.finish_reason
+
+
 def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
     router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
     listed_at = int(time.time())
@@ -186,16 +199,16 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
                 completion_id, created, body.model, plan.parse_tools, plan.logprobs, plan.include_usage
             )
             return _streaming(generation, stream)
-        await generation.collect()
-        if generation.error is not None or generation.finish_reason is None:
-            return generation_failed(generation.error or "the generation ended without finishing")
+        finish_reason = await _collect(generation)
+        if isinstance(finish_reason, JSONResponse):
+            return finish_reason
         answer = chat_completion(
             completion_id,
             created,
             body.model,
             generation.text,
             generation.logprobs if plan.logprobs else None,
-            generation.finish_reason,
+            finish_reason,
             usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens),
             plan.parse_tools,
         )
@@ -214,16 +227,16 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
                 completion_id, created, body.model, plan.logprobs, plan.include_usage, plan.echo
             )
             return _streaming(generation, stream)
-        await generation.collect()
-        if generation.error is not None or generation.finish_reason is None:
-            return generation_failed(generation.error or "the generation ended without finishing")
+        finish_reason = await _collect(generation)
+        if isinstance(finish_reason, JSONResponse):
+            return finish_reason
         answer = completion(
             completion_id,
             created,
             body.model,
             generation.text,
             generation.logprobs if plan.logprobs else None,
-            generation.finish_reason,
+            finish_reason,
             usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens),
             plan.echo,
         )

@@ -75,7 +75,8 @@ class SamplingFields(BaseModel):
     n: int | None = None
     max_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # OpenAI's seeds are 64-bit; a sampler's generator takes no larger number
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

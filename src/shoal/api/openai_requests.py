@@ -72,12 +72,17 @@ def chat_plan(body: ChatCompletionRequest) -> ChatPlan:
     fields = sampling_fields(body, max_tokens)
     fields["logprobs"] = bool(body.logprobs)
     fields["top_logprobs"] = body.top_logprobs or 0
+    try:
+        params = generation_params(fields)
+    except ApiProblem as problem:
+        if problem.param == "max_tokens" and body.max_completion_tokens is not None:
+            raise invalid(
+                problem.message.replace("max_tokens", "max_completion_tokens"), "max_completion_tokens"
+            ) from None
+        raise
     tools = chat_tools(body)
     request = GenerationRequest(
-        model=body.model,
-        prompt=chat_prompt(body.messages),
-        params=generation_params(fields),
-        tools=tools,
+        model=body.model, prompt=chat_prompt(body.messages), params=params, tools=tools
     )
     return ChatPlan(
         request=request,
