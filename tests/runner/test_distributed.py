@@ -10,13 +10,14 @@ import pytest
 
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.spec import RunnerSpec
-from shoal.types.runners import RunnerFailed, RunnerShutdown, is_terminal
+from shoal.types.runners import RunnerFailed, RunnerReady, RunnerShutdown, is_terminal
 from shoal.worker.supervisor import RunnerSupervisor
 from tests.runner.harness import collect, instance_specs, reference, start_instance, task, tokens_of, wait_for
 from tests.runner.tiny_model_dir import write_tiny_model_dir
 
 PROMPTS = ["hello world", [5, 17, 200, 33, 4, 99, 150, 7, 8], "a much longer prompt, prefilled in one go"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=2)
+RANDOM = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, ignore_eos=True)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -93,11 +94,20 @@ async def test_tensor_parallel_gives_the_tokens_of_one_process(tmp_path: Path) -
     async with RunnerSupervisor() as supervisor:
         await start_instance(supervisor, specs)
         results = await run_prompts(supervisor, specs[0])
+        # Random sampling: each rank samples for itself (no token broadcast); they must stay in lockstep
+        # (the next exchange compares what they sampled and fails the runners if they differ).
+        randoms = [
+            await collect(supervisor, specs[0].runner_id, task(f"r{i}", PROMPTS[0], RANDOM)) for i in range(2)
+        ]
+        assert all(supervisor.status(spec.runner_id) == RunnerReady() for spec in specs)
     for chunks, want in zip(results, expected, strict=True):
         assert tokens_of(chunks) == list(want.token_ids)
         got_logprobs = [lp.logprob for c in chunks for lp in c.logprobs or ()]
         assert want.logprobs is not None
         assert got_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    for chunks in randoms:
+        assert [c.error for c in chunks] == [None] * len(chunks)
+        assert len(tokens_of(chunks)) == RANDOM.max_tokens
     # Leaving the supervisor stopped both ranks cleanly.
     assert [r.status for r in supervisor.runners()] == [RunnerShutdown(), RunnerShutdown()]
 
