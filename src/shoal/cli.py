@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, imported only when the CLI starts so `shoal --help` stays fast.
-_COMMAND_MODULES = ("generate", "node")
+_COMMAND_MODULES = ("run", "chat", "status", "generate", "node")
 
 
 def build_parser() -> argparse.ArgumentParser:

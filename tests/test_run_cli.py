@@ -1,0 +1,171 @@
+"""`shoal run`, `shoal chat` and `shoal status` as a user runs them: real processes on loopback, the embedded
+model, fresh data dirs and free ports. Two nodes in all: one `shoal run` starts for a prompt (and must stop),
+one it starts in serve mode, which the other commands then use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from shoal.local_cluster import free_port
+
+PROMPT = "What is the capital of France?"
+API_KEY = "run-cli-key"
+COMMAND_TIMEOUT_S = 240.0  # node start + runner load + answer on a loaded 2-core machine
+# Unquantized instances: since a17a7c0 the runners' default `auto` weight quantization answers garbage for
+# a model loaded in float32 (as runners load the embedded GGUF); these tests are about the CLI, not that.
+QUANT = ("--quant", "none")
+
+
+def shoal(
+    *args: str, stdin: str | None = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def node_flags(data_dir: Path, api_port: int) -> list[str]:
+    return [
+        "--data-dir", str(data_dir), "--api-port", str(api_port), "--port", str(free_port()), "--offline", *QUANT
+    ]  # fmt: skip
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def processes_using(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(data_dir) in " ".join(process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def test_run_with_a_prompt_starts_a_node_answers_and_stops_it(tmp_path: Path) -> None:
+    api_port = free_port()
+    result = shoal(
+        "run", "default", PROMPT, "--temperature", "0", "--max-tokens", "32", *node_flags(tmp_path, api_port)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "starting a node" in result.stderr
+    assert "ready" in result.stderr  # loading progress was shown
+    assert not answers(f"http://127.0.0.1:{api_port}")
+    assert processes_using(tmp_path) == []
+
+
+@dataclass
+class Serving:
+    process: subprocess.Popen[str]
+    url: str
+    data_dir: Path
+    first_line: str
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
+    """`shoal run --api-key KEY` with stdin not a terminal and no prompt: it serves until SIGTERM."""
+    data_dir = tmp_path_factory.mktemp("serve")
+    api_port = free_port()
+    stderr_path = data_dir / "run.err"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", "run", "--api-key", API_KEY, *node_flags(data_dir, api_port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        assert process.stdout is not None
+        first_line = process.stdout.readline()  # blocks until it serves (or exits: an empty line)
+        assert first_line.startswith("serving "), stderr_path.read_text()
+        yield Serving(process, f"http://127.0.0.1:{api_port}", data_dir, first_line)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_serve_mode_says_what_it_serves(serving: Serving) -> None:
+    assert "SmolLM2-135M-Instruct" in serving.first_line
+    assert serving.url in serving.first_line
+    assert serving.process.poll() is None
+
+
+def test_run_uses_the_running_node_and_leaves_it_running(serving: Serving) -> None:
+    result = shoal(
+        "run", "default", PROMPT, "--api-url", serving.url, "--temperature", "0", "--max-tokens", "32",
+        env={"SHOAL_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "starting a node" not in result.stderr
+    assert answers(serving.url) and serving.process.poll() is None
+
+
+def test_status_shows_the_node_and_the_instance(serving: Serving) -> None:
+    instances = httpx.get(
+        f"{serving.url}/instances", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    ).json()["instances"]
+    health = httpx.get(f"{serving.url}/health", timeout=10).json()
+    result = shoal("status", "--api-url", serving.url, "--api-key", API_KEY)
+    assert result.returncode == 0, result.stderr
+    assert f"{health['node_id'][:8]} (this)" in result.stdout
+    assert "master" in result.stdout
+    (instance,) = instances
+    assert instance["instance_id"] in result.stdout
+    assert "SmolLM2-135M-Instruct" in result.stdout and "ready" in result.stdout
+    refused = shoal("status", "--api-url", serving.url)
+    assert refused.returncode == 1 and "API key" in refused.stderr
+
+
+def test_chat_reads_turns_from_stdin_and_keeps_the_history(serving: Serving) -> None:
+    turns = f"{PROMPT}\nRepeat your previous answer exactly.\n/bye\nnever sent\n"
+    result = shoal(
+        "chat", "--api-url", serving.url, "--temperature", "0", "--max-tokens", "32",
+        stdin=turns, env={"SHOAL_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Paris") >= 2  # the second answer only knows Paris from the history
+
+
+def test_sigterm_stops_serve_mode_and_its_node(serving: Serving) -> None:
+    tree = psutil.Process(serving.process.pid).children(recursive=True)
+    assert tree, "the node (and its runner) run as children of shoal run"
+    serving.process.send_signal(signal.SIGTERM)
+    assert serving.process.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert alive == []
+    assert not answers(serving.url)
+
+
+def test_chat_without_a_node_says_how_to_start_one() -> None:
+    started = time.monotonic()
+    result = shoal("chat", "--api-url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "shoal run" in result.stderr and "no node answers" in result.stderr
+    assert time.monotonic() - started < 30
