@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import psutil
 import torch
 
 from shoal.engine.sampling import SamplingParams
@@ -175,26 +176,42 @@ async def _wait_serving(supervisor: RunnerSupervisor, specs: Sequence[RunnerSpec
             await anyio.sleep(0.2)
 
 
+def _runner_processes() -> set[int]:
+    return {child.pid for child in psutil.Process().children() if "shoal.runner" in " ".join(child.cmdline())}
+
+
+def _cpu_seconds(pids: set[int]) -> float:
+    times = [psutil.Process(pid).cpu_times() for pid in pids]
+    return sum(t.user + t.system for t in times)
+
+
 async def measure(
     placements: dict[str, list[RunnerSpec]], tokens: int, requests: int
-) -> dict[str, list[float]]:
-    """Decode tok/s of `requests` greedy requests per placement after one warm-up request each. All the
-    placements stay loaded and take turns request by request, so a change in the machine's load (other
-    jobs on a shared box) hits them alike rather than whichever ran last."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Decode tok/s of `requests` greedy requests per placement after one warm-up request each, and the
+    CPU seconds per generated token of all the placement's runner processes (prefill included): what
+    the work costs however loaded the machine is. All the placements stay loaded and take turns request
+    by request, so a change in the machine's load (other jobs on a shared box) hits them alike."""
     runs: dict[str, list[float]] = {name: [] for name in placements}
+    cpu: dict[str, list[float]] = {name: [] for name in placements}
+    pids: dict[str, set[int]] = {}
     async with RunnerSupervisor() as supervisor:
-        for specs in placements.values():  # one at a time: loads do not compete for memory bandwidth
+        for name, specs in placements.items():  # one at a time: loads do not compete for memory
+            before = _runner_processes()
             for spec in specs:
                 await supervisor.spawn(spec)
             await _wait_serving(supervisor, specs)
+            pids[name] = _runner_processes() - before
         for specs in placements.values():
             await _decode_tok_s(supervisor, specs[0], f"{specs[0].instance_id}-warm", 4)
         for i in range(requests):
             for name, specs in placements.items():
+                start = _cpu_seconds(pids[name])
                 runs[name].append(
                     await _decode_tok_s(supervisor, specs[0], f"{specs[0].instance_id}-{i}", tokens)
                 )
-    return runs
+                cpu[name].append((_cpu_seconds(pids[name]) - start) / tokens)
+    return runs, cpu
 
 
 def run_tensor_bench(
@@ -206,11 +223,12 @@ def run_tensor_bench(
         single: tensor_specs(model, cores[:1], dtype=dtype, quant=quant, instance="tp1"),
         tensor: tensor_specs(model, cores, dtype=dtype, quant=quant, instance="tp2"),
     }
-    runs = anyio.run(measure, placements, tokens, requests)
+    runs, cpu = anyio.run(measure, placements, tokens, requests)
     results = {name: statistics.median(values) for name, values in runs.items()}
     for name, values in runs.items():
         print(
-            f"{name:>24}: {results[name]:7.2f} decode tok/s (runs: {', '.join(f'{r:.2f}' for r in values)})"
+            f"{name:>24}: {results[name]:7.2f} decode tok/s (runs: {', '.join(f'{r:.2f}' for r in values)}); "
+            f"CPU {statistics.median(cpu[name]):.3f} s per token, all ranks"
         )
     pairs = [t / s for s, t in zip(runs[single], runs[tensor], strict=True)]
     print(
