@@ -30,6 +30,7 @@ STATUS_TEXT = {
     422: "Invalid request body or parameters",
     500: "The task failed on its runner",
     503: "Not available now: no master answered, or the model is loading (see Retry-After)",
+    504: "Accepted by the master but not yet replicated to this node",
 }
 # Every route may answer these: the API key check, a path that matches no route (a path parameter the
 # router cannot take, e.g. one with a newline), and request validation.

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from shoal.api.errors import error_response, invalid_response
+from shoal.api.errors import documented, error_response, invalid_response
 from shoal.engine.errors import ModelLoadError
 from shoal.master.placement import links_from_nodes, previews
 from shoal.models import ModelNotFoundError, local_models, resolve_model
@@ -83,7 +83,12 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
             f"no master answered within {command_timeout_s:g} s; the cluster may be electing",
         )
 
-    @app.post("/instances", response_model=None)
+    @app.post(
+        "/instances",
+        response_model=None,
+        status_code=201,
+        responses={201: {"description": "The placed instance"}, **documented(404, 409, 503, 504)},
+    )
     async def place_instance(body: PlaceBody) -> JSONResponse:
         card = await card_for(body.model)
         if isinstance(card, JSONResponse):
@@ -111,7 +116,7 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
         state = node.state
         return {"instances": [instance_view(state, i) for _, i in sorted(state.instances.items())]}
 
-    @app.get("/instances/previews", response_model=None)
+    @app.get("/instances/previews", response_model=None, responses=documented(404))
     async def preview_instances(
         model: str = Query(default="default"),
         kv_headroom_tokens: int | None = Query(default=None, ge=0),
@@ -136,7 +141,7 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
             }
         )
 
-    @app.get("/instances/{instance_id}", response_model=None)
+    @app.get("/instances/{instance_id}", response_model=None, responses=documented(404))
     async def get_instance(instance_id: str) -> JSONResponse:
         state = node.state
         instance = state.instances.get(InstanceId(instance_id))
@@ -144,7 +149,7 @@ def add_instance_routes(app: FastAPI, node: InstanceNode, command_timeout_s: flo
             return error_response(404, "instance_not_found", f"no instance {instance_id}")
         return JSONResponse(instance_view(state, instance))
 
-    @app.delete("/instances/{instance_id}", response_model=None)
+    @app.delete("/instances/{instance_id}", response_model=None, responses=documented(404, 409, 503))
     async def delete_instance(instance_id: str) -> JSONResponse:
         if InstanceId(instance_id) not in node.state.instances:
             return error_response(404, "instance_not_found", f"no instance {instance_id}")
