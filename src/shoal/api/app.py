@@ -104,7 +104,9 @@ def create_app(node: ClusterNode, command_timeout_s: float, api_key: str | None 
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # routing's own answers (no such path, wrong method) in the same shape as every other error
         kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, kind, str(error.detail), headers=error.headers)
+        return error_response(
+            error.status_code, kind, str(error.detail), headers=dict(error.headers) if error.headers else None
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
