@@ -53,13 +53,18 @@ def prompt_of(
 
 def bench_shoal(mode: str, args: argparse.Namespace, prompts: dict[int, str]) -> Result:
     from shoal.engine.llm_engine import EngineConfig, LLMEngine
-    from shoal.engine.model_runner import ModelRunner
+    from shoal.engine.model_runner import ModelRunner, ThreadPolicy
     from shoal.engine.quant import quantize_model
     from shoal.engine.sampling import SamplingParams
     from shoal.engine.tokenizer import load_tokenizer
 
     path = embedded_model_path()
-    runner = ModelRunner(path, kv_cache_bytes=256 << 20, max_model_len=2048, max_num_batched_tokens=2048)
+    # the engine's thread policy (load_engine's default with --decode-threads 1): steps under 64 tokens
+    # on --decode-threads, prefill on --threads
+    threads = ThreadPolicy(small_step_threads=args.decode_threads, large_step_threads=args.threads)
+    runner = ModelRunner(
+        path, kv_cache_bytes=256 << 20, max_model_len=2048, max_num_batched_tokens=2048, threads=threads
+    )
     summary = quantize_model(runner.model, mode)
     print(f"  shoal {mode}: {summary.describe()}", flush=True)
     tokenizer = load_tokenizer(path)
@@ -210,7 +215,10 @@ def main() -> None:
         "--stream-tokens", type=int, default=64, help="tokens per stream for the batched runs"
     )
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (the median is shown)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="threads of every engine (shoal: prefill)")
+    parser.add_argument(
+        "--decode-threads", type=int, default=1, help="shoal's threads for steps under 64 tokens (decode)"
+    )
     parser.add_argument("--modes", default="none,int8,int4,auto", help="shoal quantization modes to run")
     parser.add_argument("--engines", default="shoal,transformers,llama.cpp")
     parser.add_argument("--streams", default="1,4,16")
@@ -226,6 +234,7 @@ def main() -> None:
     prompts = {int(n): prompt_of(tok.encode, tok.decode, int(n)) for n in args.prompt_tokens.split(",")}
 
     bw = measure_bandwidth()
+    print(f"threads: {args.threads} (shoal decode steps: {args.decode_threads})")
     print(
         f"memory bandwidth ({args.threads} threads): read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s"
     )

@@ -39,7 +39,9 @@ def decode_weight_bytes(
         "bf16": 2.0 * (linear + head),
         "int8": 1.0 * (linear + head),
         "int4": int4 * (linear + head),
-        "auto": int4 * linear + 1.0 * head,  # int4 linears (re-encoded Q4_1), int8 head (from Q8_0)
+        # int4 linears (re-encoded Q4_1); the head (Q8_0) as int4 for every row plus int8 rows of the
+        # top 64 candidates (a negligible read)
+        "auto": int4 * (linear + head),
         "llama.cpp Q4_1": 20 / 32 * linear + 34 / 32 * head,  # Q4_1 linears, Q8_0 head
     }
 
