@@ -128,6 +128,7 @@ def _follow(
 ) -> InstanceView:
     """Show the runners' progress until every one is ready; PlacementFailed when one fails."""
     current: InstanceView | None = instance
+    shown = False  # an instance ready at the first look needs no progress line
     while True:
         if current is None:
             progress.done()
@@ -142,10 +143,11 @@ def _follow(
             raise PlacementFailed(
                 f"{current.model_id}: runner {failed.runner_id} on node {failed.node_id} failed: {failed.reason}"
             )
-        progress.show(describe_instance(current))
         if current.is_ready:
-            progress.done()
+            progress.done(describe_instance(current) if shown else None)
             return current
+        progress.show(describe_instance(current))
+        shown = True
         if time.monotonic() > deadline:
             progress.done()
             raise PlacementFailed(f"{current.model_id}: not ready in time ({describe_instance(current)})")
