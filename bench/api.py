@@ -6,7 +6,9 @@ vs the engine alone in this process, same prompts, same model, dtype, weight qua
   -> first token; decode tok/s = (tokens - first step's tokens) / (last token - first token).
 - OpenAI API: one `shoal node` on loopback (`LocalCluster`, `--runner-threads --threads`), the embedded
   model placed, streamed chat completions through the official `openai` client. TTFT = request sent ->
-  first content delta; decode tok/s = (completion tokens - 1) / (last delta - first delta).
+  first content delta; decode tok/s = (completion tokens - 1) / (last delta - first delta). The node's
+  TTFT metric (service open -> first token chunk), read around each request, splits the API's TTFT into
+  HTTP (client, uvicorn, the OpenAI layer) and the rest (routing, the runner, prefill).
 - /generate (diagnosis only): the node's NDJSON route, the same path without the OpenAI layer.
 
 Same chats (the model's template), greedy, `ignore_eos`; every prompt starts with its own number so none
@@ -67,6 +69,8 @@ class Timing:
     decode_tok_s: float
     num_tokens: int
     node_cpu_s: float = 0.0  # CPU time the node process (not its runner) spent on the request
+    model_cpu_s: float = 0.0  # CPU time of the process running the model (this one or the runner)
+    http_ttft_s: float | None = None  # the part of the TTFT outside the node's generation service
 
 
 Chat = list[dict[str, str]]
@@ -113,10 +117,23 @@ def engine_run(tokens: int, threads: int, instance: dict[str, Any]) -> Run:
     return run
 
 
-def api_run(client: openai.OpenAI, tokens: int) -> Run:
-    """The OpenAI API, streamed chat completions through the official client."""
+def ttft_sum_s(node: LocalNode) -> float:
+    """The node's own TTFT histogram sum for the OpenAI API (service open -> first token chunk)."""
+    text = httpx.get(f"{node.api_url}/metrics", timeout=10).text
+    prefix = "shoal_time_to_first_token_seconds_sum{"
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and 'api="openai"' in line
+    )
+
+
+def api_run(client: openai.OpenAI, node: LocalNode, tokens: int) -> Run:
+    """The OpenAI API, streamed chat completions through the official client. The node's TTFT metric
+    read around each request tells the HTTP side (client, uvicorn, the OpenAI layer) from the rest."""
 
     def run(chat: Chat) -> Timing:
+        node_ttft_before = ttft_sum_s(node)
         started = time.perf_counter()
         first: float | None = None
         last = started
@@ -143,7 +160,13 @@ def api_run(client: openai.OpenAI, tokens: int) -> Run:
                 last = now
         if first is None or completion_tokens < 2:
             raise RuntimeError(f"the API streamed no tokens ({completion_tokens} completion tokens)")
-        return Timing(first - started, (completion_tokens - 1) / (last - first), completion_tokens)
+        service_ttft_s = ttft_sum_s(node) - node_ttft_before
+        return Timing(
+            first - started,
+            (completion_tokens - 1) / (last - first),
+            completion_tokens,
+            http_ttft_s=first - started - service_ttft_s,
+        )
 
     return run
 
@@ -177,11 +200,18 @@ def generate_run(node: LocalNode, tokens: int) -> Run:
     return run
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def interleaved(runs: dict[str, Run], num_prompts: int, node: psutil.Process) -> dict[str, list[Timing]]:
     """Each prompt through every path in turn (rotating who goes first), so load that comes and goes on
     the machine falls on all of them alike. /generate gets its own variant of each prompt: it shares the
-    node's prefix cache with the API. The node process's CPU time per request shows what the HTTP layers
-    cost whatever the machine's load."""
+    node's prefix cache with the API. CPU times per request (the node process's: what the HTTP layers
+    cost; the model's: this process for the engine, the runner for the node) hold whatever the load."""
+    (runner,) = node.children()
+    own = psutil.Process()
     results: dict[str, list[Timing]] = {name: [] for name in runs}
     for run in runs.values():
         run([{"role": "user", "content": "Hello"}])  # warm-up
@@ -190,11 +220,11 @@ def interleaved(runs: dict[str, Run], num_prompts: int, node: psutil.Process) ->
         for name in names[index % len(names) :] + names[: index % len(names)]:
             variant = " (again)" if name == "/generate" else ""
             chat = [{"role": "user", "content": f"Request {index}{variant}. {TOPICS[index % len(TOPICS)]}"}]
-            before = node.cpu_times()
+            model = own if name == "engine alone" else runner
+            node_before, model_before = _cpu_s(node), _cpu_s(model)
             timing = runs[name](chat)
-            after = node.cpu_times()
-            node_cpu_s = after.user + after.system - before.user - before.system
-            results[name].append(dataclasses.replace(timing, node_cpu_s=node_cpu_s))
+            node_cpu_s, model_cpu_s = _cpu_s(node) - node_before, _cpu_s(model) - model_before
+            results[name].append(dataclasses.replace(timing, node_cpu_s=node_cpu_s, model_cpu_s=model_cpu_s))
     return results
 
 
@@ -230,10 +260,12 @@ def summary(name: str, timings: list[Timing]) -> tuple[float, float]:
     ttft = statistics.median(t.ttft_s for t in timings)
     decode = statistics.median(t.decode_tok_s for t in timings)
     runs = ", ".join(f"{t.decode_tok_s:.1f}" for t in timings)
-    node_cpu = sum(t.node_cpu_s for t in timings) / sum(t.num_tokens for t in timings)
+    num_tokens = sum(t.num_tokens for t in timings)
+    node_cpu = sum(t.node_cpu_s for t in timings) / num_tokens
+    model_cpu = sum(t.model_cpu_s for t in timings) / num_tokens
     print(
         f"{name:>12}: decode {decode:6.1f} tok/s (runs: {runs}); TTFT median {ttft * 1000:6.1f} ms; "
-        f"node CPU {node_cpu * 1000:.2f} ms/token"
+        f"CPU per token: model {model_cpu * 1000:.1f} ms, node {node_cpu * 1000:.2f} ms"
     )
     return ttft, decode
 
@@ -258,7 +290,7 @@ def main() -> None:
             ) as client:
                 runs = {
                     "engine alone": engine_run(args.tokens, args.threads, instance),
-                    "OpenAI API": api_run(client, args.tokens),
+                    "OpenAI API": api_run(client, node, args.tokens),
                     "/generate": generate_run(node, args.tokens),
                 }
                 assert node.process is not None
@@ -281,6 +313,11 @@ def main() -> None:
     print(
         f"TTFT: API - engine = {(api_ttft - engine_ttft) * 1000:+.1f} ms of medians, {paired_ttft * 1000:+.1f} ms "
         "median of pairs (target <= 15 ms)"
+    )
+    http_ttft = statistics.median(t.http_ttft_s for t in api if t.http_ttft_s is not None)
+    print(
+        f"      of which HTTP (client, uvicorn, OpenAI layer: the API's TTFT less the node's own TTFT "
+        f"metric): {http_ttft * 1000:.1f} ms median"
     )
 
 
