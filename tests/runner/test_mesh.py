@@ -101,7 +101,8 @@ def test_a_closed_or_silent_peer_fails_the_call() -> None:
         return "no error"
 
     results = run_ranks(2, rank_one_leaves)
-    assert isinstance(results[0], MeshError) and "rank 1 closed" in str(results[0])
+    # closed (EOF) or reset (rank 0's bytes reached a closed socket first): either way, rank 1 is named
+    assert isinstance(results[0], MeshError) and "rank 1" in str(results[0])
 
     release = threading.Event()
 

@@ -10,8 +10,9 @@ Per step (see `serve.py`): `exchange` (rank 0's input delta, everyone's stop wis
 check), `send_hidden` / `recv_hidden` between pipeline stages, and `broadcast_tokens` from the sampling
 rank (pipeline only: tensor-parallel ranks all hold the full logits and sample the same tokens themselves).
 
-A CPU tensor-parallel group also opens a socket mesh (mesh.py) for the layers' all-reduces and the
-exchange: gloo's cost ~0.5-2 ms a collective here, the mesh ~0.2 ms. The exchange is one all-reduce in
+A CPU (gloo) group also opens a socket mesh (mesh.py) that carries every per-step collective: the
+tensor-parallel layers' all-reduces, the exchange, a pipeline's activations and tokens (gloo's cost
+~0.5-2 ms a collective here, the mesh ~0.2 ms); gloo keeps the start, the load checks and long deltas. The exchange is one all-reduce in
 the common case: a fixed int64 buffer of [payload length, stop votes,
 check sum, check sum of squares, payload inlined up to INLINE_PAYLOAD_BYTES]. Rank 0 writes the payload,
 the other ranks zeros, so the sum is rank 0's bytes exactly; a longer payload follows in one broadcast.
@@ -82,10 +83,10 @@ def start_group(spec: RunnerSpec) -> dist.Store | None:
 
 
 def open_channel(spec: RunnerSpec, store: dist.Store | None) -> StepChannel:
-    """The step channel; a CPU tensor-parallel group also connects its socket mesh (see mesh.py) for the
-    layers' all-reduces and the exchange."""
+    """The step channel; a CPU group also connects its socket mesh (see mesh.py) for the layers'
+    all-reduces, the exchange, and a pipeline's activations and tokens."""
     mesh = None
-    if store is not None and spec.sharding == "tensor" and spec.backend == "gloo":
+    if store is not None and spec.backend == "gloo":
         mesh = SocketMesh.connect(
             store, spec.instance_id, spec.rank, spec.world_size, spec.rendezvous.host, spec.group_timeout_s
         )
@@ -202,9 +203,14 @@ class StepChannel:
         return data, num_stops > 0
 
     def send_hidden(self, hidden: torch.Tensor) -> None:
+        if self.mesh is not None:
+            self.mesh.send(hidden, dst=self.rank + 1)
+            return
         dist.send(hidden.contiguous().to(self.device), dst=self.rank + 1)
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        if self.mesh is not None:
+            return self.mesh.recv(shape, dtype, src=self.rank - 1)
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(buffer, src=self.rank - 1)
         return buffer
@@ -217,9 +223,14 @@ class StepChannel:
         if self.rank == self.sampling_rank:
             assert token_ids is not None and len(token_ids) == count
             buffer = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        elif self.mesh is not None:
+            buffer = torch.zeros(count, dtype=torch.int64)
         else:
             buffer = torch.empty(count, dtype=torch.int64, device=self.device)
-        dist.broadcast(buffer, src=self.sampling_rank)
+        if self.mesh is not None:
+            self.mesh.all_reduce(buffer)  # the sampling rank's ids plus zeros: its ids, on every rank
+        else:
+            dist.broadcast(buffer, src=self.sampling_rank)
         return [int(t) for t in buffer.tolist()]
 
     def min_across_ranks(self, values: list[int]) -> list[int]:

@@ -1,5 +1,6 @@
-"""A full mesh of TCP connections between the tensor-parallel ranks of one CPU instance: the all-reduce the
-parallel layers make twice per layer, without gloo's threads.
+"""A full mesh of TCP connections between the ranks of one CPU instance: the all-reduce the tensor-parallel
+layers make twice per layer, the step exchange, and a pipeline's activations and tokens, without gloo's
+threads.
 
 Why: a gloo all-reduce hands each message through three threads (caller, the process group's worker, the
 transport's epoll loop) and costs 0.5-2.2 ms on the 2-core dev box, most when a rank is pinned to one
@@ -12,7 +13,8 @@ Setup (after the gloo group has started, through its store): each rank listens o
 rank 0 from, publishes it, connects to every lower rank and accepts every higher one; a connecting peer
 names its instance and rank first, and a stranger is refused. A peer that closes or stays silent for
 `timeout_s` fails the call with a MeshError naming it (the runner then fails, like on a gloo error).
-Used for gloo (CPU) instances; NCCL instances keep NCCL's all-reduce.
+Used for gloo (CPU) instances; NCCL instances keep NCCL's collectives. Every rank makes the same calls
+in the same order, so each connection's byte stream needs no framing.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class SocketMesh:
                     peer.close()
             if isinstance(exc, MeshError):
                 raise
-            raise MeshError(f"rank {rank}: the tensor-parallel mesh did not form: {exc}") from exc
+            raise MeshError(f"rank {rank}: the mesh between the ranks did not form: {exc}") from exc
         finally:
             listener.close()
         for peer in peers:
@@ -115,6 +117,49 @@ class SocketMesh:
             total += part
         tensor.copy_(total)
         return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Point to point: `tensor`'s bytes to rank `dst`, which calls `recv` with its shape and dtype."""
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().data
+        self._pump(dst, data, None)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype)
+        self._pump(src, None, buffer.view(-1).view(torch.uint8).numpy().data)
+        return buffer
+
+    def _pump(self, rank: int, outgoing: memoryview | None, incoming: memoryview | None) -> None:
+        peer = self._peers[rank]
+        if peer is None:
+            raise MeshError(f"rank {self._rank} cannot send to or receive from itself")
+        done = 0
+        total = len(outgoing if outgoing is not None else incoming)  # type: ignore[arg-type]
+        deadline = time.monotonic() + self._timeout_s
+        while done < total:
+            try:
+                if outgoing is not None:
+                    count = peer.send(outgoing[done:])
+                else:
+                    assert incoming is not None
+                    count = peer.recv_into(incoming[done:])
+                    if count == 0:
+                        raise MeshError(f"rank {self._rank}: rank {rank} closed its connection")
+                done += count
+                deadline = time.monotonic() + self._timeout_s
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise MeshError(f"rank {self._rank}: talking to rank {rank} failed: {exc}") from exc
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise MeshError(
+                    f"rank {self._rank}: rank {rank} did not take part within {self._timeout_s:g} s"
+                )
+            if outgoing is not None:
+                select.select([], [peer], [], wait)
+            else:
+                select.select([peer], [], [], wait)
 
     def _exchange(self, data: memoryview, received: dict[int, bytearray]) -> None:
         """Send `data` to every peer while reading each peer's bytes, never blocking on a full buffer."""
