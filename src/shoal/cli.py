@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
 # Subcommand modules, imported only when the CLI starts so `shoal --help` stays fast.
 _COMMAND_MODULES = ("run", "chat", "status", "generate", "node")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; when `argv` names a subcommand, only that one's module is imported (`generate`
+    imports torch, seconds that `shoal chat` or `shoal status` should not wait for)."""
     parser = argparse.ArgumentParser(
         prog="shoal", description="Turn the machines you have into one LLM cluster."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMAND_MODULES:
+    chosen = argv[0] if argv else None
+    for name in (chosen,) if chosen in _COMMAND_MODULES else _COMMAND_MODULES:
         try:
             module = importlib.import_module(f"shoal.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -27,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -130,10 +130,8 @@ def run(args: argparse.Namespace) -> int:
             client.health()
             served = find_served(client, args.model, ProgressLine(sys.stderr), LOAD_TIMEOUT_S)
         except NodeUnreachable:
-            print(
-                f"shoal chat: no node answers at {args.api_url}; start one with `shoal run {args.model}`",
-                file=sys.stderr,
-            )
+            run = "shoal run" if args.model == "default" else f"shoal run {args.model}"
+            print(f"shoal chat: no node answers at {args.api_url}; start one with `{run}`", file=sys.stderr)
             return 1
         except (ApiError, PlacementFailed) as error:
             print(f"shoal chat: error: {error}", file=sys.stderr)
