@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,6 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.api.conftest import Served
+from tests.runner.tiny_model_dir import write_tiny_model_dir
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER_TOOL: ChatCompletionToolParam = {
@@ -334,3 +336,26 @@ def test_a_task_that_fails_is_an_error_never_a_200(served: Served, client: opena
     assert "token ids must be in" in json.loads(events[-2])["error"]["message"]
     with pytest.raises(openai.APIError):
         list(client.completions.create(model="default", prompt=bad_prompt, max_tokens=2, stream=True))
+
+
+def test_a_model_still_loading_is_503_with_retry_after(
+    served: Served, tmp_path: Path, client: openai.OpenAI
+) -> None:
+    model = str(write_tiny_model_dir(tmp_path / "tiny-llama"))
+    placed = httpx.post(f"{served.url}/instances", json={"model": model}, headers=served.headers, timeout=30)
+    assert placed.status_code == 201, placed.text
+    try:
+        # the runner is still starting (its process imports torch): the model is placed but not ready
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        response = httpx.post(
+            f"{served.url}/v1/chat/completions", json=body, headers=served.headers, timeout=10
+        )
+        assert response.status_code == 503, response.text
+        assert int(response.headers["Retry-After"]) > 0
+        error = response.json()["error"]
+        assert error["code"] == "model_loading" and "loading" in error["message"]
+        # placed models are listed (by their id: the folder's name)
+        assert "tiny-llama" in [listed.id for listed in client.models.list()]
+    finally:
+        instance_id = placed.json()["instance_id"]
+        httpx.delete(f"{served.url}/instances/{instance_id}", headers=served.headers, timeout=30)
