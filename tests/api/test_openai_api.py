@@ -320,22 +320,31 @@ def test_malformed_bodies_are_400_naming_the_field(served: Served) -> None:
     assert unauthorized.status_code == 401 and "message" in unauthorized.json()["error"]
 
 
+def test_token_ids_beyond_the_vocabulary_are_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="default", prompt=[1, 49152], max_tokens=2)
+    assert refused.value.param == "prompt" and "49152" in refused.value.message
+
+
 def test_a_task_that_fails_is_an_error_never_a_200(served: Served, client: openai.OpenAI) -> None:
-    # token ids beyond the vocabulary pass the node's checks and fail on the runner (error chunks carry no
-    # kind, so the API cannot tell a request the runner refused from a runner that broke: 500 either way)
-    bad_prompt = [10**9]
-    with pytest.raises(openai.InternalServerError):
-        client.completions.create(model="default", prompt=bad_prompt, max_tokens=2)
-    body = {"model": "default", "prompt": bad_prompt, "max_tokens": 2, "stream": True}
+    # a prompt longer than the runner's context window passes the node's checks and fails on the runner
+    # (error chunks carry no kind, so the API cannot tell a request the runner refused from a runner that
+    # broke: 500 either way)
+    too_long = [1] * 9000
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.completions.create(model="default", prompt=too_long, max_tokens=2)
+    assert "generation failed" in failed.value.message
+    body = {"model": "default", "prompt": too_long, "max_tokens": 2, "stream": True}
     with httpx.stream(
         "POST", f"{served.url}/v1/completions", json=body, headers=served.headers, timeout=30
     ) as response:
         assert response.status_code == 200
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert "token ids must be in" in json.loads(events[-2])["error"]["message"]
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "9000" in error["message"]
     with pytest.raises(openai.APIError):
-        list(client.completions.create(model="default", prompt=bad_prompt, max_tokens=2, stream=True))
+        list(client.completions.create(model="default", prompt=too_long, max_tokens=2, stream=True))
 
 
 def test_a_model_still_loading_is_503_with_retry_after(

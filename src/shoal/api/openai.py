@@ -45,9 +45,9 @@ from shoal.api.openai_shaping import (
     problem_response,
     usage,
 )
-from shoal.api.service import ApiProblem, Generation, GenerationService
+from shoal.api.service import ApiProblem, Generation, GenerationRequest, GenerationService
 from shoal.engine.embedded import EMBEDDED_MODEL_NAME
-from shoal.models import DEFAULT_MODEL
+from shoal.models import DEFAULT_MODEL, matches
 from shoal.types import State
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,22 @@ def served_models(state: State, created: int) -> list[ModelObject]:
                 ModelObject(id=DEFAULT_MODEL, created=created, max_model_len=card.context_length),
             )
     return list(found.values())
+
+
+def check_token_ids(state: State, request: GenerationRequest) -> None:
+    """Token ids beyond the model's vocabulary are the caller's mistake: a 400 here, rather than a task
+    that fails on the runner (whose error the API could only pass on as a 500)."""
+    if isinstance(request.prompt, str) or not request.prompt:
+        return
+    vocab_sizes = [i.card.vocab_size for i in state.instances.values() if matches(request.model, i.card)]
+    token_ids = [token_id for token_id in request.prompt if isinstance(token_id, int)]
+    if vocab_sizes and token_ids and max(token_ids) >= min(vocab_sizes):
+        raise ApiProblem(
+            400,
+            "invalid_request",
+            f"prompt token ids must be below the vocabulary size {min(vocab_sizes)}, got {max(token_ids)}",
+            param="prompt",
+        )
 
 
 def _sse(item: BaseModel) -> bytes:
@@ -218,6 +234,7 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
     async def completions(body: CompletionRequest) -> Response:
         try:
             plan = completion_plan(body)
+            check_token_ids(service.node.state, plan.request)
             generation = service.open(plan.request, api="openai")
         except ApiProblem as problem:
             return problem_response(problem)
