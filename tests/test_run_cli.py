@@ -18,6 +18,8 @@ import psutil
 import pytest
 
 from shoal.local_cluster import free_port
+from tests.runner.tiny_model_dir import write_tiny_model_dir
+from tests.worker.fake_hub import FakeHub
 
 PROMPT = "What is the capital of France?"
 API_KEY = "run-cli-key"
@@ -40,10 +42,31 @@ def shoal(
     )
 
 
-def node_flags(data_dir: Path, api_port: int) -> list[str]:
+def node_flags(data_dir: Path, api_port: int, hub: str | None = None) -> list[str]:
+    downloads = ["--hub-endpoint", hub] if hub else ["--offline"]
     return [
-        "--data-dir", str(data_dir), "--api-port", str(api_port), "--port", str(free_port()), "--offline", *QUANT
-    ]  # fmt: skip
+        "--data-dir",
+        str(data_dir),
+        "--api-port",
+        str(api_port),
+        "--port",
+        str(free_port()),
+        *downloads,
+        *QUANT,
+    ]
+
+
+def write_tiny_chat_model(path: Path) -> Path:
+    """The tests' tiny random model, with a chat template (so `messages` render) on its byte tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    write_tiny_model_dir(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
+    tokenizer.save_pretrained(str(path))
+    return path
 
 
 def answers(url: str) -> bool:
@@ -65,7 +88,7 @@ def processes_using(data_dir: Path) -> list[psutil.Process]:
 def test_run_with_a_prompt_starts_a_node_answers_and_stops_it(tmp_path: Path) -> None:
     api_port = free_port()
     result = shoal(
-        "run", "default", PROMPT, "--temperature", "0", "--max-tokens", "32", *node_flags(tmp_path, api_port)
+        "run", "default", PROMPT, "--temperature", "0", "--max-tokens", "12", *node_flags(tmp_path, api_port)
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
@@ -81,17 +104,29 @@ class Serving:
     url: str
     data_dir: Path
     first_line: str
+    hub: FakeHub
 
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
-    """`shoal run --api-key KEY` with stdin not a terminal and no prompt: it serves until SIGTERM."""
+    """`shoal run --api-key KEY` with stdin not a terminal and no prompt: it serves until SIGTERM. Its
+    node downloads from a local stand-in for the hub that holds one tiny model, acme/tiny."""
     data_dir = tmp_path_factory.mktemp("serve")
+    hub = FakeHub({"acme/tiny": write_tiny_chat_model(tmp_path_factory.mktemp("hub") / "tiny")})
+    hub.__enter__()
     api_port = free_port()
     stderr_path = data_dir / "run.err"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shoal.cli", "run", "--api-key", API_KEY, *node_flags(data_dir, api_port)],
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "run",
+                "--api-key",
+                API_KEY,
+                *node_flags(data_dir, api_port, hub.url),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -101,8 +136,9 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
         assert process.stdout is not None
         first_line = process.stdout.readline()  # blocks until it serves (or exits: an empty line)
         assert first_line.startswith("serving "), stderr_path.read_text()
-        yield Serving(process, f"http://127.0.0.1:{api_port}", data_dir, first_line)
+        yield Serving(process, f"http://127.0.0.1:{api_port}", data_dir, first_line, hub)
     finally:
+        hub.__exit__()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
@@ -118,7 +154,7 @@ def test_serve_mode_says_what_it_serves(serving: Serving) -> None:
 
 def test_run_uses_the_running_node_and_leaves_it_running(serving: Serving) -> None:
     result = shoal(
-        "run", "default", PROMPT, "--api-url", serving.url, "--temperature", "0", "--max-tokens", "32",
+        "run", "default", PROMPT, "--api-url", serving.url, "--temperature", "0", "--max-tokens", "12",
         env={"SHOAL_API_KEY": API_KEY},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -143,10 +179,25 @@ def test_status_shows_the_node_and_the_instance(serving: Serving) -> None:
     assert refused.returncode == 1 and "API key" in refused.stderr
 
 
+def test_run_downloads_a_hub_model_places_it_and_answers(serving: Serving) -> None:
+    result = shoal(
+        "run", "acme/tiny", "hello", "--api-url", serving.url, "--temperature", "0", "--max-tokens", "4",
+        env={"SHOAL_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "downloading acme/tiny" in result.stderr and "downloaded acme/tiny" in result.stderr
+    assert "acme--tiny: ready" in result.stderr
+    assert any(path.endswith("/config.json") for _, path in serving.hub.requests)
+    models = httpx.get(
+        f"{serving.url}/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    ).json()
+    assert any(m["id"] == "acme--tiny" and m["instances"] for m in models["models"])
+
+
 def test_chat_reads_turns_from_stdin_and_keeps_the_history(serving: Serving) -> None:
     turns = f"{PROMPT}\nRepeat your previous answer exactly.\n/bye\nnever sent\n"
     result = shoal(
-        "chat", "--api-url", serving.url, "--temperature", "0", "--max-tokens", "32",
+        "chat", "--api-url", serving.url, "--temperature", "0", "--max-tokens", "12",
         stdin=turns, env={"SHOAL_API_KEY": API_KEY},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
