@@ -108,16 +108,10 @@ def served_models(state: State, created: int) -> list[ModelObject]:
     """Models with an instance placed (serving or loading), and "default" when the embedded one is."""
     found: dict[str, ModelObject] = {}
     for _, instance in sorted(state.instances.items()):
-        card = instance.card
-        found.setdefault(
-            card.model_id,
-            ModelObject(id=card.model_id, created=created, max_model_len=card.context_length),
-        )
-        if card.model_id == EMBEDDED_MODEL_NAME:
-            found.setdefault(
-                DEFAULT_MODEL,
-                ModelObject(id=DEFAULT_MODEL, created=created, max_model_len=card.context_length),
-            )
+        model_id = instance.card.model_id
+        found.setdefault(model_id, ModelObject(id=model_id, created=created))
+        if model_id == EMBEDDED_MODEL_NAME:
+            found.setdefault(DEFAULT_MODEL, ModelObject(id=DEFAULT_MODEL, created=created))
     return list(found.values())
 
 

@@ -253,7 +253,6 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shoal"
-    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
