@@ -4,6 +4,7 @@ one it starts in serve mode, which the other commands then use."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from shoal.client import NodeClient
 from shoal.local_cluster import free_port
 from tests.runner.tiny_model_dir import write_tiny_model_dir
 from tests.worker.fake_hub import FakeHub
@@ -175,6 +177,10 @@ def test_status_shows_the_node_and_the_instance(serving: Serving) -> None:
     (instance,) = instances
     assert instance["instance_id"] in result.stdout
     assert "SmolLM2-135M-Instruct" in result.stdout and "ready" in result.stdout
+    raw = shoal("status", "--json", "--api-url", serving.url, "--api-key", API_KEY)
+    assert json.loads(raw.stdout)["state"]["instances"][instance["instance_id"]]["card"]["model_id"] == (
+        "SmolLM2-135M-Instruct"
+    )
     refused = shoal("status", "--api-url", serving.url)
     assert refused.returncode == 1 and "API key" in refused.stderr
 
@@ -192,6 +198,26 @@ def test_run_downloads_a_hub_model_places_it_and_answers(serving: Serving) -> No
         f"{serving.url}/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
     ).json()
     assert any(m["id"] == "acme--tiny" and m["instances"] for m in models["models"])
+
+
+def test_run_of_an_unknown_model_says_so(serving: Serving) -> None:
+    result = shoal("run", "no-such-model", "hi", "--api-url", serving.url, "--api-key", API_KEY)
+    assert result.returncode == 1
+    assert "no-such-model: unknown model" in result.stderr
+
+
+def test_the_client_finds_why_an_instance_was_deleted(serving: Serving) -> None:
+    with NodeClient(serving.url, API_KEY) as client:
+        since = client.health().last_index
+        placed = client.place("acme--tiny")
+        response = httpx.delete(
+            f"{serving.url}/instances/{placed.instance_id}",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert client.instance(placed.instance_id) is None
+        assert client.deleted_reason(placed.instance_id, since) == "deleted on request"
 
 
 def test_chat_reads_turns_from_stdin_and_keeps_the_history(serving: Serving) -> None:
