@@ -40,6 +40,8 @@ def make_seq(
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3.0),
         ("seed", "abc"),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
         ("stop", [""]),
         ("stop_token_ids", [-1]),
         ("ignore_eos", "yes"),

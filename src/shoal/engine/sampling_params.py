@@ -14,6 +14,11 @@ from shoal.engine.errors import InvalidRequestError
 MAX_TOP_LOGPROBS = 20
 
 
+# What torch.Generator.manual_seed accepts.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each next token and when to stop. Invalid values raise InvalidRequestError naming the field.
@@ -70,6 +75,8 @@ class SamplingParams:
                 _fail(name, f"must be in [-2, 2], got {value}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+            if not MIN_SEED <= self.seed <= MAX_SEED:
+                _fail("seed", f"must fit in 64 bits ({MIN_SEED}..{MAX_SEED}), got {self.seed}")
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
                 _fail("stop", f"stop strings must be non-empty strings, got {stop!r}")
