@@ -134,10 +134,14 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     url = api_url(args)
-    node: NodeProcess | None = None
     with NodeClient(url, api_key(args)) as client:
+        node: NodeProcess | None = None
         try:
-            node = _connect(client, args, url)
+            node = _node_to_start(client, args, url)
+            if node is not None:
+                print(f"shoal run: starting a node at {url} (log: {node.log_path})", file=sys.stderr)
+                node.start()
+                node.wait_until_serving(client, NODE_START_TIMEOUT_S)
             served = ensure_served(
                 client, args.model, ProgressLine(sys.stderr), args.load_timeout, args.quant
             )
@@ -147,29 +151,20 @@ def run(args: argparse.Namespace) -> int:
             return 1
         finally:
             if node is not None:
-                node.stop()
+                node.stop()  # the one place a node we started ends (also on Ctrl-C and SIGTERM)
 
 
-def _connect(client: NodeClient, args: argparse.Namespace, url: str) -> NodeProcess | None:
-    """The node we started, or None when one already answers at `url`."""
+def _node_to_start(client: NodeClient, args: argparse.Namespace, url: str) -> NodeProcess | None:
+    """None when a healthy node answers at `url`; the node to start when nothing answers there."""
     try:
         health = client.health()
     except NodeUnreachable:
         if urlsplit(url).hostname not in LOOPBACK_HOSTS:
-            raise
-    else:
-        if health.status != "ok":
-            raise NodeStartFailed(f"the node at {url} is not healthy: {health.status}")
-        return None
-    node = NodeProcess(node_args(args, url), _log_path(args), node_env(args))
-    print(f"shoal run: starting a node at {url} (log: {node.log_path})", file=sys.stderr)
-    node.start()
-    try:
-        node.wait_until_serving(client, NODE_START_TIMEOUT_S)
-    except BaseException:
-        node.stop()
-        raise
-    return node
+            raise  # a node on another machine is not ours to start
+        return NodeProcess(node_args(args, url), _log_path(args), node_env(args))
+    if health.status != "ok":
+        raise NodeStartFailed(f"the node at {url} is not healthy: {health.status}")
+    return None
 
 
 def _serve_or_answer(
