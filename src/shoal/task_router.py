@@ -141,11 +141,15 @@ class TaskRouter:
             with anyio.move_on_after(min(STATE_POLL_S, max(0.0, until - anyio.current_time()))):
                 return await receive.receive()
             if instance_id not in self._state().instances:
-                return GenerationChunk(error=f"instance {instance_id} was deleted while serving this request")
+                return GenerationChunk(
+                    error=f"instance {instance_id} was deleted while serving this request",
+                    error_kind="unavailable",
+                )
             if anyio.current_time() >= deadline:
                 return GenerationChunk(
                     error=f"no output from instance {instance_id} within "
-                    f"{self._settings.first_chunk_timeout_s:g} s"
+                    f"{self._settings.first_chunk_timeout_s:g} s",
+                    error_kind="unavailable",
                 )
             if anyio.current_time() >= tick:
                 return None

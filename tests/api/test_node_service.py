@@ -109,3 +109,28 @@ def test_the_event_feed_without_follow_ends_after_the_backlog(served: Served) ->
     ids = [int(line[4:]) for line in response.text.splitlines() if line.startswith("id: ")]
     assert ids and ids == list(range(1, len(ids) + 1))
     assert ids[-1] <= httpx.get(f"{served.url}/health", timeout=5).json()["last_index"]
+
+
+def test_a_prompt_the_runner_refuses_is_a_400_in_each_api(served: Served) -> None:
+    too_long = "hello " * 20_000  # far past the context window
+    openai = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"model": "default", "prompt": too_long, "max_tokens": 2},
+        headers=served.headers,
+        timeout=60,
+    )
+    assert openai.status_code == 400 and openai.json()["error"]["type"] == "invalid_request_error"
+    anthropic = httpx.post(
+        f"{served.url}/v1/messages",
+        json={"model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": too_long}]},
+        headers=served.headers,
+        timeout=60,
+    )
+    assert anthropic.status_code == 400 and anthropic.json()["error"]["type"] == "invalid_request_error"
+    ollama = httpx.post(
+        f"{served.url}/api/generate",
+        json={"model": "default", "prompt": too_long, "stream": False, "options": {"num_predict": 2}},
+        headers=served.headers,
+        timeout=60,
+    )
+    assert ollama.status_code == 400 and "context" in ollama.json()["error"]

@@ -327,13 +327,12 @@ def test_token_ids_beyond_the_vocabulary_are_400(client: openai.OpenAI) -> None:
 
 
 def test_a_task_that_fails_is_an_error_never_a_200(served: Served, client: openai.OpenAI) -> None:
-    # a prompt longer than the runner's context window passes the node's checks and fails on the runner
-    # (error chunks carry no kind, so the API cannot tell a request the runner refused from a runner that
-    # broke: 500 either way)
+    # a prompt longer than the runner's context window passes the node's checks and is refused by the
+    # runner: a 400 before anything streamed, an error event (of the request's kind) inside a stream
     too_long = [1] * 9000
-    with pytest.raises(openai.InternalServerError) as failed:
+    with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="default", prompt=too_long, max_tokens=2)
-    assert "generation failed" in failed.value.message
+    assert "context window" in refused.value.message
     body = {"model": "default", "prompt": too_long, "max_tokens": 2, "stream": True}
     with httpx.stream(
         "POST", f"{served.url}/v1/completions", json=body, headers=served.headers, timeout=30
@@ -342,7 +341,7 @@ def test_a_task_that_fails_is_an_error_never_a_200(served: Served, client: opena
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
-    assert error["type"] == "server_error" and "9000" in error["message"]
+    assert error["type"] == "invalid_request_error" and "9000" in error["message"]
     with pytest.raises(openai.APIError):
         list(client.completions.create(model="default", prompt=too_long, max_tokens=2, stream=True))
 

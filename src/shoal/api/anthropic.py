@@ -163,9 +163,11 @@ async def _answer(generation: Generation, body: MessagesBody, parse_tools: bool)
         return anthropic_error(500, "api_error", f"{type(error).__name__}: {error}")
     finally:
         await generation.aclose()
-    if generation.error is not None or generation.finish_reason in (None, "abort"):
-        reason = generation.error or "the generation was aborted before it finished"
-        return anthropic_error(500, "api_error", reason)
+    failure = generation.failure()
+    if failure is not None:
+        return problem_response(failure)
+    if generation.finish_reason is None:
+        return anthropic_error(500, "api_error", "the generation ended without finishing")
     result = message_outcome(
         generation.text, generation.logprobs, generation.finish_reason, body.stop_sequences, parse_tools
     )

@@ -281,8 +281,9 @@ async def _respond(generation: Generation, lines: OllamaLines, stream: bool) -> 
         await generation.aclose()
     if not lines.finished:
         return ollama_error(500, "the generation ended without a finish")
-    if "error" in out[-1]:
-        return ollama_error(500, out[-1]["error"])
+    failure = generation.failure()
+    if failure is not None:
+        return ollama_error(failure.status, failure.message, failure.retry_after_s)
     return JSONResponse(merged(out))
 
 

@@ -148,7 +148,8 @@ async def sse_events(generation: Generation, stream: ChatStream | CompletionStre
             for item in stream.feed(chunk):
                 yield _sse(item)
             if chunk.error is not None:
-                yield _sse(error_body(f"generation failed: {chunk.error}", "server_error"))
+                kind = "invalid_request_error" if chunk.error_kind == "invalid_request" else "server_error"
+                yield _sse(error_body(f"generation failed: {chunk.error}", kind))
                 ended = True
                 break
             if chunk.finish_reason is not None:
@@ -187,8 +188,11 @@ async def _collect(generation: Generation) -> str | JSONResponse:
         # The top of this request: whatever broke becomes an answer the client can read.
         log.exception("OpenAI request on instance %s failed", generation.instance.instance_id)
         return generation_failed(f"{type(error).__name__}: {error}")
-    if generation.error is not None or generation.finish_reason is None:
-        return generation_failed(generation.error or "the generation ended without finishing")
+    failure = generation.failure()
+    if failure is not None:
+        return problem_response(failure)
+    if generation.finish_reason is None:
+        return generation_failed("the generation ended without finishing")
     return generation.finish_reason
 
 

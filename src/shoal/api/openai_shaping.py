@@ -47,6 +47,8 @@ _ERROR_KINDS = {
     "invalid_request": ("invalid_request_error", None),
     "model_not_found": ("invalid_request_error", "model_not_found"),
     "model_loading": ("server_error", "model_loading"),
+    "unavailable": ("server_error", "unavailable"),
+    "server_error": ("server_error", None),
 }
 
 

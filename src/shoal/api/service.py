@@ -26,7 +26,14 @@ from shoal.engine.sampling import SamplingParams
 from shoal.routing import NoInstance, pick_instance
 from shoal.task_router import TaskRouter
 from shoal.types import State
-from shoal.types.generation import GenerationChunk, GenerationParams, Prompt, TokenLogprobs, ToolSpec
+from shoal.types.generation import (
+    ErrorKind,
+    GenerationChunk,
+    GenerationParams,
+    Prompt,
+    TokenLogprobs,
+    ToolSpec,
+)
 from shoal.types.instance_ids import InstanceId
 from shoal.types.instances import Instance
 
@@ -94,6 +101,7 @@ class Generation:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -116,6 +124,19 @@ class Generation:
         async for _ in self:
             pass
         return self
+
+    def failure(self) -> ApiProblem | None:
+        """Why the task did not finish, as an answer for a caller that has not seen any of it: 400 when
+        the runner refused the request itself (e.g. longer than the context), 503 when no instance could
+        go on with it, 500 when a runner broke or the task was aborted. None when it finished."""
+        if self.error is None and self.finish_reason not in (None, "abort"):
+            return None
+        message = self.error or "the generation was aborted before it finished"
+        if self.error_kind == "invalid_request":
+            return ApiProblem(400, "invalid_request", message)
+        if self.error_kind == "unavailable":
+            return ApiProblem(503, "unavailable", message, retry_after_s=RETRY_AFTER_S)
+        return ApiProblem(500, "server_error", message)
 
     async def aclose(self) -> None:
         """End the task (cancelling it on its runner if it is still going) and record it, once."""
@@ -150,6 +171,7 @@ class Generation:
         self.logprobs.extend(chunk.logprobs)
         if chunk.error is not None:
             self.error = chunk.error
+            self.error_kind = chunk.error_kind or "server_error"
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         if chunk.prompt_tokens is not None:

@@ -67,6 +67,7 @@ class TaskChunk:
     finish_reason: str | None = None
     stats: RequestStats | None = None
     error: str | None = None
+    error_kind: str | None = None  # "invalid_request" when the request itself was refused
 
     @property
     def is_last(self) -> bool:

@@ -169,7 +169,7 @@ class StepLoop:
             token_ids = prompt_token_ids(self.engine.tokenizer, task.prompt, task.tools)
             params = lockstep_params(self.spec, task.params)
         except (ShoalError, TypeError, ValueError) as exc:
-            self.errors.append(TaskChunk(task.task_id, error=str(exc)))
+            self.errors.append(TaskChunk(task.task_id, error=str(exc), error_kind="invalid_request"))
             return None
         return ["add", task.task_id, token_ids, params]
 
@@ -181,7 +181,7 @@ class StepLoop:
                     self.engine.add_request(task_id, token_ids, SamplingParams(**params))
                 except InvalidRequestError as exc:  # the same on every rank, so every rank skips it
                     if self.spec.rank == 0:
-                        self.errors.append(TaskChunk(task_id, error=str(exc)))
+                        self.errors.append(TaskChunk(task_id, error=str(exc), error_kind="invalid_request"))
                     continue
                 self.active.add(task_id)
             else:

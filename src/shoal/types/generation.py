@@ -108,6 +108,10 @@ class TokenLogprobs(FrozenModel):
     top: Annotated[tuple[TopLogprob, ...], Field(max_length=MAX_TOP_LOGPROBS)] = ()
 
 
+# Why a task failed: the request itself (a 400), no instance could go on with it (503), or a runner broke.
+ErrorKind = Literal["invalid_request", "unavailable", "server_error"]
+
+
 class GenerationChunk(FrozenModel):
     """Deltas since the previous chunk. The last chunk has `finish_reason` ("stop", "length", "abort") or
     `error` set; usage counts come with the last chunk of a finished task."""
@@ -116,6 +120,7 @@ class GenerationChunk(FrozenModel):
     token_ids: tuple[TokenId, ...] = ()
     finish_reason: Annotated[str, StringConstraints(max_length=32)] | None = None
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    error_kind: ErrorKind | None = None  # set with `error`; None there means server_error
     prompt_tokens: Annotated[int, Field(ge=0)] | None = None
     completion_tokens: Annotated[int, Field(ge=0)] | None = None
     cached_tokens: Annotated[int, Field(ge=0)] | None = None

@@ -39,6 +39,7 @@ from shoal.types import Command, CommandAccepted, CommandRejected, NodeId, State
 from shoal.types.generation import (
     CancelGeneration,
     ChatMessage,
+    ErrorKind,
     GenerationChunk,
     GenerationChunks,
     StartGeneration,
@@ -239,7 +240,12 @@ class Worker:
             await self._send_chunks(
                 start.origin,
                 start.task_id,
-                [GenerationChunk(error=f"no shard of instance {start.instance_id} on node {self.node_id}")],
+                [
+                    GenerationChunk(
+                        error=f"no shard of instance {start.instance_id} on node {self.node_id}",
+                        error_kind="unavailable",
+                    )
+                ],
             )
             return
         sampling_rank = instance.shards[-1].rank if instance.sharding == "pipeline" else 0
@@ -261,7 +267,9 @@ class Worker:
             )
         except (SupervisorError, ValueError) as error:
             await self._send_chunks(
-                start.origin, start.task_id, [GenerationChunk(error=str(error)[:MAX_ERROR_CHARS])]
+                start.origin,
+                start.task_id,
+                [GenerationChunk(error=str(error)[:MAX_ERROR_CHARS], error_kind="unavailable")],
             )
             return
         self.num_tasks_started += 1
@@ -375,8 +383,15 @@ def _wire_chunk(chunk: TaskChunk) -> GenerationChunk:
         token_ids=tuple(chunk.token_ids),
         finish_reason=chunk.finish_reason,
         error=chunk.error[:MAX_ERROR_CHARS] if chunk.error is not None else None,
+        error_kind=_error_kind(chunk),
         prompt_tokens=stats.prompt_tokens if last and stats is not None else None,
         completion_tokens=stats.completion_tokens if last and stats is not None else None,
         cached_tokens=stats.cached_tokens if last and stats is not None else None,
         logprobs=chunk.logprobs or (),
     )
+
+
+def _error_kind(chunk: TaskChunk) -> ErrorKind | None:
+    if chunk.error is None:
+        return None
+    return "invalid_request" if chunk.error_kind == "invalid_request" else "server_error"
