@@ -206,6 +206,16 @@ def test_run_of_an_unknown_model_says_so(serving: Serving) -> None:
     assert "no-such-model: unknown model" in result.stderr
 
 
+def test_run_says_why_a_runner_failed(serving: Serving, tmp_path: Path) -> None:
+    broken = write_tiny_chat_model(tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json")  # placement reads the config; the runner fails
+    result = shoal("run", str(broken), "hi", "--api-url", serving.url, "--api-key", API_KEY)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("shoal run: error: broken: instance "), result.stderr
+    assert "was deleted: runner" in error and "failed" in error and "cannot load the tokenizer" in error
+
+
 def test_the_client_finds_why_an_instance_was_deleted(serving: Serving) -> None:
     with NodeClient(serving.url, API_KEY) as client:
         since = client.health().last_index

@@ -116,11 +116,9 @@ def _place(
             if error.status == 503 and time.monotonic() < no_master_until:
                 time.sleep(POLL_S)  # no master yet: the cluster is electing
                 continue
-            what = {404: "unknown model", 409: "placement refused", 422: "invalid request"}.get(
-                error.status, "cannot place it"
-            )
+            what = {404: "unknown model: ", 409: "placement refused: "}.get(error.status, "")
             progress.done()
-            raise PlacementFailed(f"{name}: {what}: {error.message}") from error
+            raise PlacementFailed(f"{name}: {what}{error.message}") from error
 
 
 def _follow(
