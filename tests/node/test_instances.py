@@ -70,7 +70,8 @@ def test_two_node_instance_gives_the_greedy_tokens_of_one_process(
     pair: LocalCluster, tiny: Path, expected: list[int], sharding: str
 ) -> None:
     n0, n1 = pair.nodes
-    response = place(n0, model=str(tiny), sharding=sharding, min_nodes=2)
+    # unquantized: the reference is an fp32 process (TP ranks would quantize their own slices)
+    response = place(n0, model=str(tiny), sharding=sharding, min_nodes=2, quant="none")
     assert response.status_code == 201, response.text
     instance = response.json()
     assert instance["sharding"] == sharding and len(instance["shards"]) == 2
@@ -211,8 +212,8 @@ def test_killed_runner_errors_its_request_and_a_new_placement_serves(pair: Local
 
 def test_embedded_model_as_a_two_node_pipeline_answers_like_one_node(pair: LocalCluster) -> None:
     n0, n1 = pair.nodes
-    single = place(n0, model="default", node_ids=[n1.node_id()])
-    split = place(n0, model="default", sharding="pipeline", min_nodes=2)
+    single = place(n0, model="default", node_ids=[n1.node_id()], quant="none")
+    split = place(n0, model="default", sharding="pipeline", min_nodes=2, quant="none")
     assert single.status_code == 201 and split.status_code == 201, (single.text, split.text)
     for response in (single, split):
         wait_ready(pair, n0, response.json()["instance_id"])
