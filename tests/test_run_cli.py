@@ -4,11 +4,15 @@ one it starts in serve mode, which the other commands then use."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,6 +242,75 @@ def test_chat_reads_turns_from_stdin_and_keeps_the_history(serving: Serving) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Paris") >= 2  # the second answer only knows Paris from the history
+
+
+def _take_terminal() -> None:
+    # In the child, after setsid: make stdin (the pty) the controlling terminal, so Ctrl-C sends SIGINT.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A command on a pseudo-terminal, read with a deadline: what a person at a terminal sees."""
+
+    def __init__(self, *args: str) -> None:
+        self.fd, child_end = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", *args],
+            stdin=child_end,
+            stdout=child_end,
+            stderr=child_end,
+            start_new_session=True,
+            preexec_fn=_take_terminal,
+        )
+        os.close(child_end)
+        self.seen = ""
+
+    def read_until(self, text: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {text!r} within {timeout_s} s; the terminal shows:\n{self.seen}"
+            if select.select([self.fd], [], [], min(remaining, 0.2))[0]:
+                self.seen += os.read(self.fd, 4096).decode(errors="replace")
+        found, _, self.seen = self.seen.partition(text)
+        return found + text
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def exit_code(self, timeout_s: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout=timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            os.close(self.fd)
+
+
+def test_chat_in_a_terminal_ctrl_c_stops_the_answer_on_the_runner(serving: Serving) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    cancelled_before = httpx.get(f"{serving.url}/state", headers=headers, timeout=10).json()["diagnostics"]
+    terminal = Terminal("chat", "--api-url", serving.url, "--api-key", API_KEY, "--max-tokens", "400")
+    assert "/bye or Ctrl-D" in terminal.read_until(">>> ")
+    terminal.type("Write a long story about a dragon who learns to sing.\n")
+    terminal.read_until("sing.\r\n")  # the echo of the line typed
+    terminal.read_until(" ", timeout_s=90)  # the answer has started: a word written
+    terminal.type("\x03")  # Ctrl-C
+    assert "[interrupted]" in terminal.read_until(">>> ")
+    terminal.type("\x03")  # Ctrl-C at the prompt does not leave
+    assert "/bye or Ctrl-D to leave" in terminal.read_until(">>> ")
+    terminal.type("/bye\n")
+    assert terminal.exit_code() == 0
+
+    def cancelled() -> int:
+        state = httpx.get(f"{serving.url}/state", headers=headers, timeout=10).json()
+        return int(state["diagnostics"]["worker"]["tasks_cancelled"])
+
+    deadline = time.monotonic() + 30
+    while cancelled() <= cancelled_before["worker"]["tasks_cancelled"]:
+        assert time.monotonic() < deadline, "the interrupted answer was not cancelled on the runner"
+        time.sleep(0.2)
 
 
 def test_sigterm_stops_serve_mode_and_its_node(serving: Serving) -> None:
