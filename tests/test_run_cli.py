@@ -1,6 +1,7 @@
 """`shoal run`, `shoal chat` and `shoal status` as a user runs them: real processes on loopback, the embedded
-model, fresh data dirs and free ports. Two nodes in all: one `shoal run` starts for a prompt (and must stop),
-one it starts in serve mode, which the other commands then use."""
+model, fresh data dirs and free ports, a local stand-in for the hub, and a pseudo-terminal for the chat.
+Two nodes in all: one `shoal run` starts for a prompt (and must stop), one it starts in serve mode, which
+the other commands then use."""
 
 from __future__ import annotations
 
