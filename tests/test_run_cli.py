@@ -31,9 +31,6 @@ from tests.worker.fake_hub import FakeHub
 PROMPT = "What is the capital of France?"
 API_KEY = "run-cli-key"
 COMMAND_TIMEOUT_S = 240.0  # node start + runner load + answer on a loaded 2-core machine
-# Unquantized instances: since a17a7c0 the runners' default `auto` weight quantization answers garbage for
-# a model loaded in float32 (as runners load the embedded GGUF); these tests are about the CLI, not that.
-QUANT = ("--quant", "none")
 
 
 def shoal(
@@ -59,7 +56,6 @@ def node_flags(data_dir: Path, api_port: int, hub: str | None = None) -> list[st
         "--port",
         str(free_port()),
         *downloads,
-        *QUANT,
     ]
 
 

@@ -15,7 +15,7 @@ from shoal.engine.model_runner import ModelRunner
 from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import SubmitTask, TaskChunk, TaskPrompt
-from shoal.runner.spec import RunnerSpec
+from shoal.runner.spec import RunnerSpec, compute_dtype
 from shoal.types.instance_ids import InstanceId, RunnerId, TaskId, runner_id_for
 from shoal.types.instances import GroupAddress, Sharding
 from shoal.types.runners import RunnerStatus, is_serving, is_terminal
@@ -119,10 +119,16 @@ def tokens_of(chunks: Sequence[TaskChunk]) -> list[int]:
 
 
 def reference(
-    model: Path, prompts: Sequence[TaskPrompt], params: SamplingParams, quant: str = "none"
+    model: Path,
+    prompts: Sequence[TaskPrompt],
+    params: SamplingParams,
+    quant: str = "none",
+    dtype: torch.dtype | None = None,
 ) -> list[CompletedRequest]:
-    """The same prompts on one process (the engine alone), in fp32, with weights quantized as `quant`."""
-    engine = load_engine(model, dtype=torch.float32, kv_cache_bytes=4 << 20)
+    """The same prompts on one process (the engine alone), with weights quantized as `quant`, in `dtype`
+    (default: what an instance's runners compute in: fp32 for this fp32 model unquantized, else bf16)."""
+    dtype = dtype or getattr(torch, compute_dtype("float32", quant))
+    engine = load_engine(model, dtype=dtype, kv_cache_bytes=4 << 20)
     if quant != "none":
         assert isinstance(engine.runner, ModelRunner)
         quantize_model(engine.runner.model, quant)

@@ -77,11 +77,20 @@ def test_spec_for_each_shard_of_an_instance(sharding: str, sampling_rank: int) -
             shard.tp_rank,
             shard.tp_size,
         )
-        assert spec.rendezvous == instance.rendezvous and spec.dtype == "float32"
+        assert spec.rendezvous == instance.rendezvous and spec.quant == instance.quant
         assert spec.kv_cache_bytes == 5000 and spec.num_threads == 2 and spec.group_timeout_s == 30.0
         assert spec.sampling_rank == sampling_rank
         assert spec.is_sampling_rank == (rank == sampling_rank)
         assert RunnerSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_quantized_shards_compute_in_bfloat16_and_plain_ones_in_the_model_dtype() -> None:
+    plain = make_instance("pipeline")
+    assert plain.quant == "none" and plain.card.dtype == "float32"
+    assert RunnerSpec.for_shard(plain, plain.shards[0], "/models/tiny").dtype == "float32"
+    for quant in ("int8", "int4", "auto"):
+        quantized = plain.model_copy(update={"quant": quant})
+        assert RunnerSpec.for_shard(quantized, quantized.shards[0], "/models/tiny").dtype == "bfloat16"
 
 
 def test_spec_rejects_unknown_settings_and_bad_limits() -> None:

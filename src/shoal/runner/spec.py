@@ -103,13 +103,19 @@ class RunnerSpec(FrozenModel):
                 "device": shard.device,
                 "rendezvous": instance.rendezvous,
                 "model_path": model_path,
-                "dtype": instance.card.dtype,
+                "dtype": compute_dtype(instance.card.dtype, instance.quant),
                 "quant": instance.quant,
                 "kv_cache_bytes": max(1, shard.kv_cache_bytes),
                 **settings,
             },
             strict=False,
         )
+
+
+def compute_dtype(model_dtype: str, quant: str) -> str:
+    """Quantized weights compute in bfloat16 (their kernels do, and `shoal generate` does the same, so a
+    node answers like the CLI); unquantized ones in the model's own dtype."""
+    return model_dtype if quant == "none" else "bfloat16"
 
 
 @dataclass(frozen=True, slots=True)
