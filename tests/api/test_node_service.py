@@ -8,6 +8,7 @@ import math
 import time
 
 import httpx
+import pytest
 
 from tests.api.conftest import Served
 
@@ -134,3 +135,18 @@ def test_a_prompt_the_runner_refuses_is_a_400_in_each_api(served: Served) -> Non
         timeout=60,
     )
     assert ollama.status_code == 400 and "context" in ollama.json()["error"]
+
+
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(served: Served) -> None:
+    body = {"model": "default", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json=body, headers=served.headers, timeout=1.5)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{served.url}/metrics", headers=served.headers, timeout=5).text
+        if _metric(text, "shoal_runner_tasks") == 0 and _metric(text, "shoal_requests_in_flight") == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the abandoned request kept running:\n{text}")
+    assert _metric(text, "shoal_requests_total", api="openai", outcome="cancelled") >= 1

@@ -109,14 +109,14 @@ def add_anthropic_routes(app: FastAPI, service: GenerationService) -> None:
     router = APIRouter(route_class=AnthropicRoute, tags=["anthropic"])
 
     @router.post("/v1/messages", response_model=None, responses=MESSAGE_RESPONSES)
-    async def create_message(body: MessagesBody) -> JSONResponse | StreamingResponse:
+    async def create_message(body: MessagesBody, http: Request) -> JSONResponse | StreamingResponse:
         try:
             refuse_unsupported(body)
             tools = tool_specs(body.tools, body.tool_choice)
             request = GenerationRequest(
                 body.model, chat_prompt(body.system, body.messages), sampling(body), tools
             )
-            generation = service.open(request, api="anthropic")
+            generation = service.open(request, api="anthropic", disconnected=http.is_disconnected)
         except ApiProblem as problem:
             return problem_response(problem)
         except ValidationError as error:

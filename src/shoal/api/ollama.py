@@ -162,7 +162,7 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
         return JSONResponse({"model": model, "created_at": timestamp(), "done": True, "done_reason": "load"})
 
     @router.post("/api/chat", response_model=None, responses=GENERATION_RESPONSES)
-    async def chat(body: ChatBody) -> Response:
+    async def chat(body: ChatBody, http: Request) -> Response:
         if not body.messages:
             return loaded(body.model)
         try:
@@ -172,7 +172,7 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
                 model_name(body.model), chat_prompt(body.messages), sampling(body.options), tools
             )
             started_ns = time.perf_counter_ns()
-            generation = service.open(request, api="ollama")
+            generation = service.open(request, api="ollama", disconnected=http.is_disconnected)
         except ApiProblem as problem:
             return problem_response(problem)
         except ValidationError as error:
@@ -181,14 +181,14 @@ def add_ollama_routes(app: FastAPI, service: GenerationService) -> None:
         return await _respond(generation, lines, body.stream)
 
     @router.post("/api/generate", response_model=None, responses=GENERATION_RESPONSES)
-    async def generate(body: GenerateBody) -> Response:
+    async def generate(body: GenerateBody, http: Request) -> Response:
         if not body.prompt and not body.system:
             return loaded(body.model)
         try:
             refuse_unsupported(body)
             request = GenerationRequest(model_name(body.model), generate_prompt(body), sampling(body.options))
             started_ns = time.perf_counter_ns()
-            generation = service.open(request, api="ollama")
+            generation = service.open(request, api="ollama", disconnected=http.is_disconnected)
         except ApiProblem as problem:
             return problem_response(problem)
         except ValidationError as error:

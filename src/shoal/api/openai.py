@@ -201,10 +201,10 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
     listed_at = int(time.time())
 
     @router.post("/v1/chat/completions", response_model=None, responses=_answers(ChatCompletion))
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
         try:
             plan = chat_plan(body)
-            generation = service.open(plan.request, api="openai")
+            generation = service.open(plan.request, api="openai", disconnected=http.is_disconnected)
         except ApiProblem as problem:
             return problem_response(problem)
         completion_id, created = new_id("chatcmpl"), int(time.time())
@@ -229,11 +229,11 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
         return JSONResponse(answer.model_dump(mode="json"))
 
     @router.post("/v1/completions", response_model=None, responses=_answers(Completion))
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, http: Request) -> Response:
         try:
             plan = completion_plan(body)
             check_token_ids(service.node.state, plan.request)
-            generation = service.open(plan.request, api="openai")
+            generation = service.open(plan.request, api="openai", disconnected=http.is_disconnected)
         except ApiProblem as problem:
             return problem_response(problem)
         completion_id, created = new_id("cmpl"), int(time.time())

@@ -14,7 +14,7 @@ Invariant: a Generation always ends — the router's first-chunk deadline and in
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from shoal.types.instances import Instance
 
 RETRY_AFTER_S = 2
 KEEPALIVE_S = 5.0
+DISCONNECT_CHECK_S = 0.5
 
 
 class ServiceNode(Protocol):
@@ -96,6 +97,11 @@ class Generation:
     model: str
     _chunks: AsyncGenerator[GenerationChunk | None, None]
     _metrics: ApiMetrics
+    # Whether the HTTP client has gone: checked on the way (at most every DISCONNECT_CHECK_S, and on every
+    # keep-alive tick), so a client that leaves a non-streamed request cancels it too.
+    _disconnected: Callable[[], Awaitable[bool]] | None = None
+    _checked_at: float = 0.0
+    left: bool = False
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -115,9 +121,21 @@ class Generation:
             async for chunk in self._chunks:
                 if chunk is not None:
                     self._take(chunk)
+                if await self._client_left(chunk is None):
+                    self.left = True
+                    return
                 yield chunk
         finally:
             await self.aclose()
+
+    async def _client_left(self, tick: bool) -> bool:
+        if self._disconnected is None:
+            return False
+        now = time.monotonic()
+        if not tick and now - self._checked_at < DISCONNECT_CHECK_S:
+            return False
+        self._checked_at = now
+        return await self._disconnected()
 
     async def collect(self) -> Generation:
         """Run the task to its end (non-streaming answers)."""
@@ -146,7 +164,9 @@ class Generation:
         try:
             await self._chunks.aclose()
         finally:
-            outcome = (self.error and "error") or self.finish_reason or "cancelled"
+            outcome = (
+                "cancelled" if self.left else (self.error and "error") or self.finish_reason or "cancelled"
+            )
             decode_s = None
             if self._first_token_at is not None and self._last_token_at is not None:
                 decode_s = self._last_token_at - self._first_token_at
@@ -189,8 +209,14 @@ class GenerationService:
         self.metrics = metrics
         self.keepalive_s = keepalive_s
 
-    def open(self, request: GenerationRequest, api: str) -> Generation:
-        """Start the task on the least busy ready instance of the model; ApiProblem when none can serve."""
+    def open(
+        self,
+        request: GenerationRequest,
+        api: str,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Generation:
+        """Start the task on the least busy ready instance of the model; ApiProblem when none can serve.
+        `disconnected` (the HTTP request's `is_disconnected`) lets a client that leaves cancel the task."""
         if isinstance(request.prompt, tuple) and not request.prompt:
             raise ApiProblem(400, "invalid_request", "the prompt is empty", param="prompt")
         if request.tools and isinstance(request.prompt, str):
@@ -208,5 +234,10 @@ class GenerationService:
         )
         self.metrics.request_started(api, request.model)
         return Generation(
-            instance=chosen, api=api, model=request.model, _chunks=chunks, _metrics=self.metrics
+            instance=chosen,
+            api=api,
+            model=request.model,
+            _chunks=chunks,
+            _metrics=self.metrics,
+            _disconnected=disconnected,
         )
