@@ -264,3 +264,11 @@ def test_errors_in_ollama_shape(
     assert response.status_code == status
     error = response.json()
     assert list(error) == ["error"] and says in error["error"]
+
+
+def test_a_body_sent_as_curl_d_sends_it_is_read_as_json(served: Served) -> None:
+    # `curl -d '{...}'` labels the body application/x-www-form-urlencoded; Ollama reads it as JSON anyway
+    body = {"model": "default", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+    headers = {**served.headers, "Content-Type": "application/x-www-form-urlencoded"}
+    response = httpx.post(f"{served.url}/api/generate", content=json.dumps(body), headers=headers, timeout=60)
+    assert response.status_code == 200 and response.json()["done"] is True

@@ -99,12 +99,15 @@ def describe(error: ValidationError | RequestValidationError) -> str:
 
 
 class OllamaRoute(APIRoute):
-    """Bodies that do not validate answer 400 {"error": ...}, not the node's 422."""
+    """Bodies that do not validate answer 400 {"error": ...}, not the node's 422. Bodies are read as JSON
+    whatever their content type says, as Ollama does (`curl -d '{...}'` sends a form content type)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
             try:
                 return await handler(request)
             except RequestValidationError as error:
