@@ -43,12 +43,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from shoal.engine.embedded import embedded_model_path
 from shoal.engine.llm_engine import load_engine
 from shoal.engine.model_runner import ModelRunner
-from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import default_cache_dir
 from shoal.local_cluster import LocalCluster, LocalNode
 from shoal.master.shard_memory import stage_kv_bytes
-from shoal.runner.spec import RunnerSpec
+from shoal.runner.spec import RunnerSpec, compute_dtype
 from shoal.types.instances import ModelCard
 
 TOPICS = (
@@ -89,16 +88,16 @@ def engine_run(tokens: int, threads: int, instance: dict[str, Any]) -> Run:
     torch.set_num_threads(threads)
     engine = load_engine(
         embedded_model_path(),
-        dtype=getattr(torch, card.dtype),
+        dtype=getattr(torch, compute_dtype(card.dtype, quant)),
         kv_cache_bytes=kv_cache_bytes,
         max_model_len=min(card.context_length, tokens_held - tokens_held % block_size),
         tokenizer_cache_dir=default_cache_dir(),
         threads=None,  # as a runner: torch's thread count, set above
+        quant=quant,
     )
-    runner = engine.runner
-    assert isinstance(runner, ModelRunner)  # load_engine builds one
-    if quant != "none":
-        print(f"engine: {quantize_model(runner.model, quant).describe()}")
+    assert isinstance(engine.runner, ModelRunner)  # load_engine builds one
+    if engine.quantization is not None:
+        print(f"engine: {engine.quantization.describe()}")
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     request_ids = itertools.count()
 
@@ -282,7 +281,8 @@ def main() -> None:
         cluster, node, instance = start_node(Path(root), args.threads)
         try:
             print(
-                f"model: embedded SmolLM2, {instance['card']['dtype']}, quant {instance['quant']}, "
+                f"model: embedded SmolLM2, "
+                f"{compute_dtype(instance['card']['dtype'], instance['quant'])} compute, quant {instance['quant']}, "
                 f"{args.threads} thread(s), {args.tokens} tokens"
             )
             with openai.OpenAI(

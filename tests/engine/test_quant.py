@@ -157,3 +157,10 @@ def test_embedded_model_auto_keeps_logits_and_greedy_text(tmp_path_factory: pyte
     question = [{"role": "user", "content": "What is the capital of France?"}]
     (answer,) = engine.generate([question], SamplingParams(temperature=0, max_tokens=12))
     assert "Paris" in answer.text
+
+
+def test_quantizing_twice_is_refused(tiny_paths: dict[str, Path]) -> None:
+    runner = tiny_runner(tiny_paths["smollm"])
+    quantize_model(runner.model, "int8")
+    with pytest.raises(ValueError, match="already has weight kernels"):
+        quantize_model(runner.model, "int4")

@@ -11,8 +11,6 @@ import anyio
 import torch
 
 from shoal.engine.llm_engine import CompletedRequest, load_engine
-from shoal.engine.model_runner import ModelRunner
-from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerSpec, compute_dtype
@@ -128,8 +126,5 @@ def reference(
     """The same prompts on one process (the engine alone), with weights quantized as `quant`, in `dtype`
     (default: what an instance's runners compute in: fp32 for this fp32 model unquantized, else bf16)."""
     dtype = dtype or getattr(torch, compute_dtype("float32", quant))
-    engine = load_engine(model, dtype=dtype, kv_cache_bytes=4 << 20)
-    if quant != "none":
-        assert isinstance(engine.runner, ModelRunner)
-        quantize_model(engine.runner.model, quant)
+    engine = load_engine(model, dtype=dtype, kv_cache_bytes=4 << 20, quant=quant)
     return engine.generate(list(prompts), params)  # type: ignore[arg-type]

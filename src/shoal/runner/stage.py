@@ -120,10 +120,9 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len,
     )
-    if spec.quant != "none":
-        # Each rank quantizes its own slices ("auto" chooses per slice); KV cache and activations keep
-        # the model dtype, and the kernels cast in and out.
-        quantize_model(runner.model, spec.quant, device=spec.device)
+    # Each rank quantizes its own slices ("auto" chooses per slice); KV cache and activations keep the
+    # model dtype, and the kernels cast in and out. "none" too: on CPU it prepacks bf16 weights.
+    quantize_model(runner.model, spec.quant, device=spec.device)
     config = runner.config
     shape = [
         config.num_layers,

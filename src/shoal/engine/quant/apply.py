@@ -93,6 +93,12 @@ def quantize_model(
     """Install weight kernels on every linear layer and the LM head of `model` (see the module docstring)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization mode {mode!r}: expected one of {', '.join(QUANT_MODES)}")
+    installed = [
+        name for name, module in model.named_modules() if getattr(module, "_kernel", None) is not None
+    ]
+    if installed:
+        # its layers no longer hold plain weights to quantize: a second call would silently skip them
+        raise ValueError(f"the model already has weight kernels (e.g. {installed[0]}): quantize it once")
     tied = _tied_heads(model)
     plan: list[tuple[str, LinearBase | ParallelLMHead, torch.Tensor, torch.device, Format | None]] = []
     for name, module, weight in _targets(model):
