@@ -84,6 +84,8 @@ log = logging.getLogger("shoal.node")
 
 TOPIC = "cluster"
 PEER_WAIT_S = 10.0  # longest a node with --peer endpoints waits for a connection before it speaks
+# Sent to this node itself: delivered in-process (see `_send`).
+LOCAL_MESSAGES = (StartGeneration, CancelGeneration, GenerationChunks)
 CommandReply = CommandAccepted | CommandRejected
 
 
@@ -410,6 +412,11 @@ class Node:
         await self._transport.publish(TOPIC, encode_wire_message(message))
 
     async def _send(self, node_id: NodeId, message: WireMessage) -> None:
+        if node_id == self.node_id and isinstance(message, LOCAL_MESSAGES):
+            # A generation task of this node's own instance: handed over in-process, not through the
+            # transport (a request's first token and every chunk would otherwise cross it twice).
+            await self._handle(node_id, message)
+            return
         assert self._transport is not None
         self._spoke = True
         await self._transport.send(node_id, TOPIC, encode_wire_message(message))
