@@ -275,30 +275,37 @@ class Terminal:
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
-    def exit_code(self, timeout_s: float = 30.0) -> int:
-        try:
-            return self.process.wait(timeout=timeout_s)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+    def close(self) -> None:
+        """Kill the command if it still runs, and release the terminal (once)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
+
+    def exit_code(self, timeout_s: float = 30.0) -> int:
+        return self.process.wait(timeout=timeout_s)
 
 
 def test_chat_in_a_terminal_ctrl_c_stops_the_answer_on_the_runner(serving: Serving) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     cancelled_before = httpx.get(f"{serving.url}/state", headers=headers, timeout=10).json()["diagnostics"]
     terminal = Terminal("chat", "--api-url", serving.url, "--api-key", API_KEY, "--max-tokens", "400")
-    assert "/bye or Ctrl-D" in terminal.read_until(">>> ")
-    terminal.type("Write a long story about a dragon who learns to sing.\n")
-    terminal.read_until("sing.\r\n")  # the echo of the line typed
-    terminal.read_until(" ", timeout_s=90)  # the answer has started: a word written
-    terminal.type("\x03")  # Ctrl-C
-    assert "[interrupted]" in terminal.read_until(">>> ")
-    terminal.type("\x03")  # Ctrl-C at the prompt does not leave
-    assert "/bye or Ctrl-D to leave" in terminal.read_until(">>> ")
-    terminal.type("/bye\n")
-    assert terminal.exit_code() == 0
+    try:
+        assert "/bye or Ctrl-D" in terminal.read_until(">>> ")
+        terminal.type("Write a long story about a dragon who learns to sing.\n")
+        terminal.read_until("sing.\r\n")  # the echo of the line typed
+        terminal.read_until(" ", timeout_s=90)  # the answer has started: a word written
+        terminal.type("\x03")  # Ctrl-C
+        assert "[interrupted]" in terminal.read_until(">>> ")
+        time.sleep(0.5)  # as a person would: the prompt is up and line editing has the terminal
+        terminal.type("\x03")  # Ctrl-C at the prompt does not leave
+        assert "/bye or Ctrl-D to leave" in terminal.read_until(">>> ")
+        terminal.type("/bye\n")
+        assert terminal.exit_code() == 0
+    finally:
+        terminal.close()  # never a chat process left behind, whatever failed
 
     def cancelled() -> int:
         state = httpx.get(f"{serving.url}/state", headers=headers, timeout=10).json()
