@@ -1,7 +1,7 @@
 """`shoal node`: wires identity, transport, election, the master role, the replica, the worker (runner
 subprocesses), the task router (generation requests this node holds) and the HTTP API.
 
-Inputs: `NodeSettings` (built by the CLI) and frames from the cluster. Outputs: heartbeats, commands and
+Inputs: `NodeSettings` (`shoal.node_settings`, built by the CLI; `shoal.node_main.run_node` starts a node) and frames from the cluster. Outputs: heartbeats, commands and
 range requests to the cluster; the master role's events and replies while this node is elected; the HTTP
 API; one log line per applied event.
 
@@ -25,10 +25,8 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +39,17 @@ from pydantic import ValidationError
 from shoal.api.app import create_app
 from shoal.api.feed import EventFeed
 from shoal.election import Candidate, Election, ElectionSettings, next_term
-from shoal.identity import IdentityError, load_or_create_identity
-from shoal.master.event_log import EventLogError
 from shoal.master.master import Master, MasterSettings
-from shoal.net.config import TransportSettings
 from shoal.net.sealing import Sealer
-from shoal.net.transport import Transport, TransportOpenError
+from shoal.net.transport import Transport
 from shoal.node_commands import CommandSender
 from shoal.node_guards import MessageDrops, RoleBackoff
 from shoal.node_links import LinkProber
 from shoal.node_log import describe_event
-from shoal.node_startup import StartupError, advertised_host, bind_api_socket
+from shoal.node_settings import NodeSettings
 from shoal.replica import Replica
 from shoal.task_router import RouterSettings, TaskRouter
 from shoal.types import (
-    ApiAddress,
     Command,
     CommandAccepted,
     CommandBatch,
@@ -76,8 +70,7 @@ from shoal.types import (
 )
 from shoal.types.generation import CancelGeneration, GenerationChunks, StartGeneration
 from shoal.worker.downloads import Downloader, DownloadSettings
-from shoal.worker.plan import DEFAULT_DEADLINES, StageDeadlines
-from shoal.worker.profile import ProfileGatherer, read_network_interfaces
+from shoal.worker.profile import ProfileGatherer
 from shoal.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("shoal.node")
@@ -87,45 +80,6 @@ PEER_WAIT_S = 10.0  # longest a node with --peer endpoints waits for a connectio
 # Sent to this node itself: delivered in-process (see `_send`).
 LOCAL_MESSAGES = (StartGeneration, CancelGeneration, GenerationChunks)
 CommandReply = CommandAccepted | CommandRejected
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    cluster_name: str
-    cluster_key: bytes | None
-    transport: TransportSettings
-    data_dir: Path
-    api_host: str
-    api_port: int
-    node_timeout_s: float
-    heartbeat_interval_s: float
-    force_master: bool
-    command_timeout_s: float = 5.0
-    profile_update_interval_s: float = 5.0
-    runner_threads: int | None = None
-    runner_deadlines: StageDeadlines = DEFAULT_DEADLINES
-    first_chunk_timeout_s: float = 60.0
-    hub_endpoint: str | None = None
-    offline: bool = False
-    api_key: str | None = None  # required by every API route but /health when set
-
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
-
-    @property
-    def liveness_s(self) -> float:
-        """A peer whose heartbeats stop for this long no longer counts for the election."""
-        return 4 * self.heartbeat_interval_s
-
-    @property
-    def tick_s(self) -> float:
-        return min(0.1, self.heartbeat_interval_s / 2)
-
-    @property
-    def quiet_s(self) -> float:
-        """How long a starting node listens (for a clashing id) before it sends its first frame."""
-        return 2 * self.heartbeat_interval_s
 
 
 class Node:
@@ -526,51 +480,3 @@ class Node:
     def _log_events(self, events: Sequence[IndexedEvent]) -> None:
         for event in events:
             log.info("%s", describe_event(event))
-
-
-def banner(settings: NodeSettings, node_id: NodeId, has_secret: bool) -> str:
-    secrecy = (
-        "cluster key set: traffic is sealed with a secret only members hold"
-        if has_secret
-        else "no --cluster-key: traffic is authenticated by the cluster name only, not secret"
-    )
-    transport = settings.transport
-    discovery = "multicast scouting on" if transport.multicast_scouting else "multicast off"
-    return (
-        f"shoal node {node_id} in cluster {settings.cluster_name!r}\n"
-        f"  {secrecy}\n"
-        f"  listen {', '.join(transport.listen)}; peers {', '.join(transport.connect) or 'none'}; {discovery}\n"
-        f"  api http://{settings.api_host}:{settings.api_port}; data {settings.data_dir}; "
-        f"node timeout {settings.node_timeout_s:g} s; heartbeat {settings.heartbeat_interval_s:g} s"
-        + ("; --force-master" if settings.force_master else "")
-    )
-
-
-def run_node(settings: NodeSettings) -> int:
-    """Load (or create) this node's identity, say who it is, and run until SIGINT/SIGTERM. What stops the
-    node from starting (its key, its log, a taken port) is one line on stderr and exit status 1."""
-    try:
-        identity = load_or_create_identity(settings.data_dir)
-        node_id = identity.node_id
-        sealer = Sealer(settings.cluster_key, settings.cluster_name, node_id)
-        api_socket = bind_api_socket(settings.api_host, settings.api_port)
-    except (IdentityError, StartupError) as error:
-        print(f"shoal node: {error}", file=sys.stderr, flush=True)
-        return 1
-    advertised = advertised_host(settings.api_host, read_network_interfaces())
-    profiles = ProfileGatherer(
-        node_id,
-        settings.data_dir / "models",
-        ApiAddress(host=advertised, port=api_socket.getsockname()[1]),
-        time.time(),
-    )
-    print(banner(settings, node_id, sealer.has_secret), file=sys.stderr, flush=True)
-    try:
-        node = Node(settings, node_id, sealer, profiles)
-        anyio.run(node.run, api_socket)
-    except (EventLogError, TransportOpenError) as error:
-        print(f"shoal node: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        api_socket.close()
-    return 0

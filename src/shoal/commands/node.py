@@ -22,7 +22,7 @@ HUB_ENDPOINT_ENV = "HF_ENDPOINT"
 HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 if TYPE_CHECKING:
-    from shoal.node import NodeSettings
+    from shoal.node_settings import NodeSettings
 
 
 def _endpoint(value: str) -> str:
@@ -141,7 +141,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def build_settings(args: argparse.Namespace) -> NodeSettings:
-    from shoal.node import NodeSettings
+    from shoal.node_settings import NodeSettings
     from shoal.worker.plan import DEFAULT_DEADLINES
 
     peers = tuple(args.peer)
@@ -179,7 +179,7 @@ def build_settings(args: argparse.Namespace) -> NodeSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal.node import run_node
+    from shoal.node_main import run_node
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
