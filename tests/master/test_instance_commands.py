@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from test_placement import CARD, GB, MB, cluster, make_node, request
+from placement_helpers import CARD, GB, MB, cluster, make_node, request
 
 from shoal.master.commands import Rejection
 from shoal.master.instance_commands import decide_instance_command, instances_lost_with_node

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from test_placement import cluster, make_node
+from placement_helpers import cluster, make_node
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.embedded import embedded_model_path

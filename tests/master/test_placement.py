@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import pytest
+from placement_helpers import (
+    CARD,
+    GB,
+    IID,
+    MB,
+    OVERHEAD,
+    SINGLE_NEED,
+    cluster,
+    failed,
+    layer_counts,
+    make_card,
+    make_node,
+    placed,
+    request,
+)
 
 from shoal.master.placement import (
     RENDEZVOUS_PORT_BASE,
@@ -14,110 +28,8 @@ from shoal.master.placement import (
     previews,
     split_layers,
 )
-from shoal.master.shard_memory import RUNNER_OVERHEAD_BYTES, format_bytes
-from shoal.types import ApiAddress, GpuInfo, NetworkInterface, NodeId, NodeProfile, NodeRecord
-from shoal.types.instance_ids import InstanceId
-from shoal.types.instances import Instance, ModelCard, PlacementRequest
-
-MB = 10**6
-GB = 10**9
-OVERHEAD = RUNNER_OVERHEAD_BYTES
-IID = InstanceId("inst1")
-
-
-def make_card(**changes: Any) -> ModelCard:
-    fields: dict[str, Any] = {
-        "model_id": "test-model",
-        "source": "/models/test",
-        "architecture": "LlamaForCausalLM",
-        "dtype": "bfloat16",
-        "num_layers": 12,
-        "hidden_size": 512,
-        "intermediate_size": 1024,
-        "num_heads": 8,
-        "num_kv_heads": 4,
-        "head_dim": 64,
-        "vocab_size": 32000,
-        "context_length": 2048,
-        "tie_word_embeddings": False,
-        "layer_bytes": 100 * MB,
-        "embedding_bytes": 50 * MB,
-        "head_bytes": 50 * MB,
-    }
-    fields.update(changes)
-    return ModelCard.model_validate(fields)
-
-
-CARD = make_card()
-# 12 layers of 100 MB, 50 MB embedding, 50 MB head, no KV: one process needs this much.
-SINGLE_NEED = 1300 * MB + OVERHEAD
-
-
-def make_node(
-    node_id: str,
-    free: int,
-    *,
-    gpus: tuple[int, ...] = (),
-    status: str = "active",
-    host: str = "127.0.0.1",
-    backends: tuple[str, ...] | None = None,
-    rtts: dict[str, float] | None = None,
-) -> NodeRecord:
-    gpu_infos = tuple(
-        GpuInfo(index=i, name="gpu", memory_total_bytes=max(g, 1) * 2, memory_free_bytes=g)
-        for i, g in enumerate(gpus)
-    )
-    profile = NodeProfile.model_validate(
-        {
-            "node_id": node_id,
-            "hostname": f"host-{node_id}",
-            "memory_total_bytes": 2 * free + 1,
-            "memory_available_bytes": free,
-            "cpu_model": "cpu",
-            "num_cpu_cores": 4,
-            "num_cpu_threads": 8,
-            "gpus": gpu_infos,
-            "backends": backends or (("cpu", "cuda") if gpus else ("cpu",)),
-            "disk_free_bytes": 10 * GB,
-            "network_interfaces": (NetworkInterface(name="eth0", addresses=("10.0.0.9", "fe80::1")),),
-            "api_address": ApiAddress(host=host, port=8000),
-            "shoal_version": "0.1.0",
-            "started_at": 1.0,
-            "link_rtts_ms": rtts or {},
-        }
-    )
-    return NodeRecord(profile=profile, status=status, joined_at_index=1)  # type: ignore[arg-type]
-
-
-def cluster(*records: NodeRecord) -> dict[NodeId, NodeRecord]:
-    return {record.profile.node_id: record for record in records}
-
-
-def request(**changes: Any) -> PlacementRequest:
-    fields: dict[str, Any] = {"model_id": "test-model", "kv_headroom_tokens": 0}
-    fields.update(changes)
-    if "node_ids" in fields:
-        fields["node_ids"] = tuple(fields["node_ids"])
-    return PlacementRequest.model_validate(fields)
-
-
-def placed(card: ModelCard, nodes: dict[NodeId, NodeRecord], req: PlacementRequest, **kw: Any) -> Instance:
-    result = place(card, nodes, kw.pop("links", {}), req, instance_id=IID, **kw)
-    assert isinstance(result, Instance), result
-    return result
-
-
-def failed(card: ModelCard, nodes: dict[NodeId, NodeRecord], req: PlacementRequest) -> str:
-    result = place(card, nodes, {}, req, instance_id=IID)
-    assert isinstance(result, PlacementError), result
-    return result.reason
-
-
-def layer_counts(instance: Instance) -> list[int]:
-    return [shard.layer_end - shard.layer_start for shard in instance.shards]
-
-
-# --- one node, splits, proportions ---------------------------------------------------------------
+from shoal.master.shard_memory import format_bytes
+from shoal.types.instances import Instance
 
 
 def test_fits_on_one_node_picks_the_node_with_most_free_memory() -> None:
@@ -263,101 +175,6 @@ def test_tied_embeddings_are_held_once_on_one_node_and_copied_to_the_last_stage(
 # --- tensor parallel -----------------------------------------------------------------------------
 
 
-def test_tensor_parallel_splits_heads_and_memory_evenly() -> None:
-    nodes = cluster(make_node("a", 1 * GB), make_node("b", 1 * GB))
-    instance = placed(CARD, nodes, request(sharding="tensor", kv_headroom_tokens=64))
-    assert instance.sharding == "tensor"
-    assert [(s.rank, s.tp_rank, s.tp_size, s.layer_start, s.layer_end) for s in instance.shards] == [
-        (0, 0, 2, 0, 12),
-        (1, 1, 2, 0, 12),
-    ]
-    assert all(s.weight_bytes == 650 * MB for s in instance.shards)
-    assert all(s.kv_cache_bytes == 64 * CARD.kv_bytes_per_token // 2 for s in instance.shards)
-
-
-def test_tensor_parallel_needs_dividing_heads() -> None:
-    card = make_card(num_kv_heads=3, num_heads=9)
-    nodes = cluster(make_node("a", 1 * GB), make_node("b", 1 * GB))
-    reason = failed(card, nodes, request(sharding="tensor", node_ids=["a", "b"]))
-    assert "tensor parallel needs num_heads (9), num_kv_heads (3) divisible by world size 2" in reason
-
-
-def test_tensor_parallel_needs_dividing_mlp_width() -> None:
-    card = make_card(intermediate_size=1001)
-    reason = failed(card, cluster(make_node("a", 1 * GB), make_node("b", 1 * GB)), request(sharding="tensor"))
-    assert "intermediate_size (1001)" in reason
-
-
-def test_tensor_parallel_names_the_nodes_that_are_short() -> None:
-    nodes = cluster(make_node("a", 2 * GB), make_node("b", 500 * MB))
-    reason = failed(CARD, nodes, request(sharding="tensor", node_ids=["a", "b"]))
-    assert f"needs {format_bytes(650 * MB + OVERHEAD)} on each node" in reason
-    assert "short: b has 500.0 MB free" in reason
-
-
-def test_auto_uses_tensor_when_pipeline_cannot_fit() -> None:
-    # a 1-layer model cannot be a 2-stage pipeline, and neither node holds it alone
-    card = make_card(num_layers=1, layer_bytes=1 * GB)
-    nodes = cluster(make_node("a", 900 * MB), make_node("b", 900 * MB))
-    instance = placed(card, nodes, request())
-    assert instance.sharding == "tensor" and len(instance.shards) == 2
-
-
-# --- backends ------------------------------------------------------------------------------------
-
-
-def test_nccl_without_gpus_is_an_error_naming_the_nodes() -> None:
-    nodes = cluster(make_node("a", 8 * GB), make_node("b", 8 * GB))
-    reason = failed(CARD, nodes, request(backend="nccl", node_ids=["a", "b"]))
-    assert reason == "backend nccl needs a GPU on every node; nodes without: a, b"
-    reason = failed(CARD, nodes, request(backend="nccl"))
-    assert reason.startswith("backend nccl needs a GPU on every node; 0 of 2 active nodes have one")
-
-
-def test_nccl_is_never_downgraded_when_one_listed_node_lacks_a_gpu() -> None:
-    nodes = cluster(make_node("a", 8 * GB, gpus=(8 * GB,)), make_node("b", 8 * GB))
-    reason = failed(CARD, nodes, request(backend="nccl", node_ids=["a", "b"]))
-    assert reason == "backend nccl needs a GPU on every node; nodes without: b"
-
-
-def test_nccl_uses_only_gpu_nodes_and_their_gpu_memory() -> None:
-    nodes = cluster(
-        make_node("a", 64 * GB),  # lots of RAM, no GPU
-        make_node("b", 1 * GB, gpus=(500 * MB, 1 * GB)),
-        make_node("c", 1 * GB, gpus=(1 * GB,)),
-    )
-    instance = placed(CARD, nodes, request(backend="nccl"))
-    assert instance.backend == "nccl"
-    assert sorted((s.node_id, s.device) for s in instance.shards) == [("b", "cuda:1"), ("c", "cuda:0")]
-    reason = failed(CARD, nodes, request(backend="nccl", min_nodes=3))
-    assert "2 of 3 active nodes have one" in reason and "nodes without: a" in reason
-
-
-def test_nccl_too_little_gpu_memory_is_a_memory_error_not_gloo() -> None:
-    nodes = cluster(make_node("a", 64 * GB, gpus=(500 * MB,)), make_node("b", 64 * GB, gpus=(500 * MB,)))
-    reason = failed(CARD, nodes, request(backend="nccl"))
-    assert "(nccl)" in reason and "free together" in reason and "(gloo)" not in reason
-
-
-def test_auto_prefers_nccl_when_every_chosen_node_has_a_gpu() -> None:
-    gpu_nodes = cluster(make_node("a", 4 * GB, gpus=(4 * GB,)))
-    assert placed(CARD, gpu_nodes, request()).backend == "nccl"
-    # not enough GPU memory alone: auto falls to the CPU of the same node rather than failing
-    small_gpu = cluster(make_node("a", 4 * GB, gpus=(1 * GB,)))
-    instance = placed(CARD, small_gpu, request())
-    assert instance.backend == "gloo" and instance.shards[0].device == "cpu"
-    mixed = cluster(make_node("a", 1 * GB, gpus=(4 * GB,)), make_node("b", 1 * GB))
-    assert placed(CARD, mixed, request(node_ids=["a", "b"])).backend == "gloo"
-
-
-def test_gloo_on_a_mac_runs_on_mps() -> None:
-    nodes = cluster(make_node("mac", 4 * GB, backends=("cpu", "mps")))
-    assert placed(CARD, nodes, request(backend="gloo")).shards[0].device == "mps"
-
-
-# --- node selection ------------------------------------------------------------------------------
-
-
 def test_explicit_node_list_with_unknown_and_timed_out_nodes() -> None:
     nodes = cluster(make_node("a", 8 * GB), make_node("b", 8 * GB, status="timed_out"))
     reason = failed(CARD, nodes, request(node_ids=["a", "b", "zz"]))
@@ -497,59 +314,4 @@ def test_nccl_memory_error_is_reported_when_some_nodes_lack_gpus() -> None:
     assert "over 2 nodes (nccl): needs" in reason and "free together" in reason
 
 
-# --- weight quantization -------------------------------------------------------------------------
-
 # A card whose byte counts follow its shape (bf16): hidden 2048, MLP 5632, 32/8 heads, vocabulary 32000.
-DENSE_LAYER = (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 5632) * 2
-SHAPED = make_card(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    num_layers=16,
-    layer_bytes=DENSE_LAYER + 2 * 2048 * 2,  # + two norms
-    embedding_bytes=32000 * 2048 * 2,
-    head_bytes=32000 * 2048 * 2 + 2048 * 2,  # + the final norm
-)
-
-
-def test_the_request_default_is_auto_quantization_counted_as_unquantized() -> None:
-    assert PlacementRequest(model_id="m").quant == "auto"
-    nodes = cluster(make_node("a", 8 * GB))
-    auto = placed(SHAPED, nodes, request())
-    none = placed(SHAPED, nodes, request(quant="none"))
-    assert auto.quant == "auto" and none.quant == "none"
-    assert auto.shards[0].weight_bytes == none.shards[0].weight_bytes == SHAPED.weight_bytes
-
-
-def test_int8_weights_take_about_half_of_bf16_and_fit_where_bf16_does_not() -> None:
-    int8 = placed(SHAPED, cluster(make_node("a", 8 * GB)), request(quant="int8"))
-    assert int8.quant == "int8"
-    weights = int8.shards[0].weight_bytes
-    # matmul weights 1 byte per element + a bf16 scale per row; norms and the embedding stay bf16
-    assert 0.5 * SHAPED.weight_bytes < weights < 0.55 * SHAPED.weight_bytes
-    small = cluster(make_node("a", weights + OVERHEAD))
-    assert placed(SHAPED, small, request(quant="int8")).node_ids == (NodeId("a"),)
-    reason = failed(SHAPED, small, request(quant="none"))
-    assert f"weights {format_bytes(SHAPED.weight_bytes)}" in reason
-
-
-def test_quantized_pipeline_and_tensor_shards_count_their_quantized_weights() -> None:
-    nodes = cluster(make_node("a", 8 * GB), make_node("b", 8 * GB))
-    pipeline = placed(SHAPED, nodes, request(min_nodes=2, sharding="pipeline", quant="int4"))
-    tensor = placed(SHAPED, nodes, request(min_nodes=2, sharding="tensor", quant="int4"))
-    single = placed(SHAPED, cluster(make_node("a", 8 * GB)), request(quant="int4")).shards[0].weight_bytes
-    # the stages split the single shard's weights (the head is untied: no copy)
-    assert sum(s.weight_bytes for s in pipeline.shards) == single
-    # each tensor rank holds half of every matrix (rounded up)
-    assert all(abs(s.weight_bytes - single / 2) <= 2 for s in tensor.shards)
-    assert pipeline.quant == tensor.quant == "int4"
-
-
-def test_previews_count_the_asked_quantization() -> None:
-    nodes = cluster(make_node("a", 8 * GB))
-    (plain,) = previews(SHAPED, nodes, {}, kv_headroom_tokens=0, quant="none")
-    (int8,) = previews(SHAPED, nodes, {}, kv_headroom_tokens=0, quant="int8")
-    assert int8.request.quant == "int8" and plain.request.quant == "none"
-    assert int8.memory[0].weight_bytes < 0.55 * plain.memory[0].weight_bytes
