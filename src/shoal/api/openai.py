@@ -31,6 +31,7 @@ from shoal.api.openai_models import (
     ErrorResponse,
     ModelList,
     ModelObject,
+    Usage,
 )
 from shoal.api.openai_requests import chat_plan, completion_plan
 from shoal.api.openai_shaping import (
@@ -196,6 +197,18 @@ async def _collect(generation: Generation) -> str | JSONResponse:
     return generation.finish_reason
 
 
+async def _answer(generation: Generation, build: Callable[[str], BaseModel]) -> Response:
+    """A non-streamed answer: `build(finish_reason)` once the task finished, or the error answer."""
+    finish_reason = await _collect(generation)
+    if isinstance(finish_reason, JSONResponse):
+        return finish_reason
+    return JSONResponse(build(finish_reason).model_dump(mode="json"))
+
+
+def _usage(generation: Generation) -> Usage:
+    return usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
+
+
 def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
     router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
     listed_at = int(time.time())
@@ -213,20 +226,19 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
                 completion_id, created, body.model, plan.parse_tools, plan.logprobs, plan.include_usage
             )
             return _streaming(generation, stream)
-        finish_reason = await _collect(generation)
-        if isinstance(finish_reason, JSONResponse):
-            return finish_reason
-        answer = chat_completion(
-            completion_id,
-            created,
-            body.model,
-            generation.text,
-            generation.logprobs if plan.logprobs else None,
-            finish_reason,
-            usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens),
-            plan.parse_tools,
+        return await _answer(
+            generation,
+            lambda finish_reason: chat_completion(
+                completion_id,
+                created,
+                body.model,
+                generation.text,
+                generation.logprobs if plan.logprobs else None,
+                finish_reason,
+                _usage(generation),
+                plan.parse_tools,
+            ),
         )
-        return JSONResponse(answer.model_dump(mode="json"))
 
     @router.post("/v1/completions", response_model=None, responses=_answers(Completion))
     async def completions(body: CompletionRequest, http: Request) -> Response:
@@ -242,20 +254,19 @@ def add_openai_routes(app: FastAPI, service: GenerationService) -> None:
                 completion_id, created, body.model, plan.logprobs, plan.include_usage, plan.echo
             )
             return _streaming(generation, stream)
-        finish_reason = await _collect(generation)
-        if isinstance(finish_reason, JSONResponse):
-            return finish_reason
-        answer = completion(
-            completion_id,
-            created,
-            body.model,
-            generation.text,
-            generation.logprobs if plan.logprobs else None,
-            finish_reason,
-            usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens),
-            plan.echo,
+        return await _answer(
+            generation,
+            lambda finish_reason: completion(
+                completion_id,
+                created,
+                body.model,
+                generation.text,
+                generation.logprobs if plan.logprobs else None,
+                finish_reason,
+                _usage(generation),
+                plan.echo,
+            ),
         )
-        return JSONResponse(answer.model_dump(mode="json"))
 
     @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def list_models() -> ModelList:
