@@ -51,6 +51,17 @@ class ThreadPolicy:
             raise ValueError("a thread policy needs at least one thread per step")
 
 
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """One step's inputs as `ModelRunner.prepare` builds them: token ids and positions (T,), the attention
+    plan, and the rows whose logits are sampled (each sampling chunk's last token)."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: tuple[int, ...]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -130,29 +141,41 @@ class ModelRunner:
 
         The result is an inference-mode tensor: read it, or modify it only inside `torch.inference_mode()`.
         """
+        return self.run(self.prepare(chunks), hidden_states)
+
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> StepInputs:
+        """The step's input tensors and attention plan: all a step needs but the previous stage's hidden
+        states, so a later pipeline stage builds them while the earlier ones compute."""
         token_ids, positions, meta = self._prepare(chunks)
-        if self.threads is not None:
-            self._set_threads(token_ids.shape[0])
-        if self.model.is_first_stage:
-            inputs = token_ids
-        else:
-            if hidden_states is None or hidden_states.shape != (token_ids.shape[0], self.config.hidden_size):
-                raise ValueError(
-                    f"stage starting at layer {self.shard.layer_start} needs hidden_states of shape "
-                    f"({token_ids.shape[0]}, {self.config.hidden_size})"
-                )
-            inputs = hidden_states.to(self.device, self.dtype)
-        hidden = self.model(inputs, positions, meta, self.kv_caches)
-        if not self.model.is_last_stage:
-            return hidden
         rows, offset = [], 0
         for chunk in chunks:
             offset += len(chunk.token_ids)
             if chunk.sample:
                 rows.append(offset - 1)
+        return StepInputs(token_ids, positions, meta, tuple(rows))
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """`execute` for inputs `prepare` built."""
+        num_tokens = step.token_ids.shape[0]
+        if self.threads is not None:
+            self._set_threads(num_tokens)
+        if self.model.is_first_stage:
+            inputs = step.token_ids
+        else:
+            if hidden_states is None or hidden_states.shape != (num_tokens, self.config.hidden_size):
+                raise ValueError(
+                    f"stage starting at layer {self.shard.layer_start} needs hidden_states of shape "
+                    f"({num_tokens}, {self.config.hidden_size})"
+                )
+            inputs = hidden_states.to(self.device, self.dtype)
+        hidden = self.model(inputs, step.positions, step.meta, self.kv_caches)
+        if not self.model.is_last_stage:
+            return hidden
+        rows = step.sample_rows
         if not rows:
             return torch.empty((0, self.config.vocab_size), dtype=torch.float32, device=self.device)
-        selected = hidden[rows[0] : rows[0] + 1] if len(rows) == 1 else hidden[rows]
+        selected = hidden[rows[0] : rows[0] + 1] if len(rows) == 1 else hidden[list(rows)]
         return self.model.compute_logits(selected).float()
 
     def _set_threads(self, num_tokens: int) -> None:
