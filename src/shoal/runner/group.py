@@ -6,9 +6,15 @@ then checks that ranks 0..world_size-1 all announced exactly the same, and that 
 A missing peer, a wrong world size, a duplicate rank or another instance's runner on the port fails the
 start with a `GroupStartError` naming it, within `group_timeout_s`; nothing ever runs as a smaller group.
 
-Per step (see `serve.py`): `exchange` (rank 0's input delta, everyone's stop wish and sampled-token
-check), `send_hidden` / `recv_hidden` between pipeline stages, and `broadcast_tokens` from the sampling
-rank (pipeline only: tensor-parallel ranks all hold the full logits and sample the same tokens themselves).
+Per step (see `serve.py`), `begin_step` hands rank 0's input delta to every rank and `end_step` tells
+each rank whether the group stops. Tensor parallel: one `exchange` at the start carries the delta, the
+stop wishes and the sampled-token check (the ranks compute side by side, and all hold the full logits, so
+each samples the same tokens itself). Pipeline: the step travels along the stages and never waits for a
+later one: rank 0 sends the delta (with its stop wish) to rank 1, which adds its wish and forwards it,
+and so on; `send_hidden` / `recv_hidden` carry the activations the same way; the sampling (last) rank
+then sends every other rank the step's end, its sampled tokens plus the group's stop (`share_tokens`, or
+`end_step` in a step that sampled nothing). So a stage's own bookkeeping (detokenizing, reporting) runs
+while the next token is computed, and no rank idles at a barrier for a later stage.
 
 A CPU (gloo) group also opens a socket mesh (mesh.py) that carries every per-step collective: the
 tensor-parallel layers' all-reduces, the exchange, a pipeline's activations and tokens (gloo's cost
@@ -156,11 +162,44 @@ class StepChannel:
         # NCCL moves only GPU tensors; gloo only CPU ones.
         self.device = torch.device(spec.device) if spec.backend == "nccl" else torch.device("cpu")
         self._check = 0
+        # Pipeline: the step is passed along the stages (see the module doc).
+        self.chained = spec.sharding == "pipeline" and spec.world_size > 1
+        self._stop_wished = False  # the group's stop wishes as far as this rank knows (chained)
+        self._step_end: bool | None = None  # this step's end, once sent or received (chained)
 
     def note_sampled(self, token_ids: list[int]) -> None:
         """Fold locally sampled tokens into the check the next exchange compares across ranks."""
         data = b"".join(t.to_bytes(8, "little", signed=True) for t in token_ids)
         self._check = (self._check * 31 + zlib.crc32(data)) % _CHECK_MODULUS
+
+    def begin_step(self, payload: bytes, stop: bool) -> tuple[bytes, bool]:
+        """Rank 0's `payload` reaches every rank; `stop`: this rank wishes to stop. Returns the payload
+        and whether the group stops now, before the step (tensor parallel, or one rank); a pipeline
+        agrees at the step's end (`end_step`) and returns False here."""
+        if not self.chained:
+            return self.exchange(payload, stop)
+        self._step_end = None
+        if self.rank > 0:
+            (length, upstream) = self._recv_words(2, self.rank - 1)
+            payload = self._recv_bytes(length, self.rank - 1) if length else b""
+            stop = stop or bool(upstream)
+        if self.rank < self.world_size - 1:
+            self._send_words([len(payload), int(stop)], self.rank + 1)
+            if payload:
+                self._send_bytes(payload, self.rank + 1)
+        self._stop_wished = stop
+        return payload, False
+
+    def end_step(self) -> bool:
+        """After this rank's step: whether the group stops now (a pipeline's agreed stop; always False
+        for tensor parallel, which agreed in `begin_step`). In a step that sampled nothing the sampling
+        rank sends the step's end here, and the others wait for it."""
+        if not self.chained:
+            return False
+        if self._step_end is None:
+            self.share_tokens([] if self.rank == self.sampling_rank else None, 0)
+        stop, self._step_end = bool(self._step_end), None
+        return stop
 
     def exchange(self, payload: bytes, stop: bool) -> tuple[bytes, bool]:
         """Rank 0's `payload` reaches every rank; True when any rank wished to stop.
@@ -215,23 +254,47 @@ class StepChannel:
         dist.recv(buffer, src=self.rank - 1)
         return buffer
 
-    def broadcast_tokens(self, token_ids: list[int] | None, count: int) -> list[int]:
-        """The sampling rank passes its `count` sampled ids; every rank gets them back."""
-        if self.world_size == 1:
-            assert token_ids is not None
-            return token_ids
+    def share_tokens(self, token_ids: list[int] | None, count: int) -> list[int]:
+        """Pipeline: the sampling rank passes its `count` sampled ids, with the group's stop, to every other
+        rank, which pass None and get the ids back."""
         if self.rank == self.sampling_rank:
             assert token_ids is not None and len(token_ids) == count
-            buffer = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        elif self.mesh is not None:
-            buffer = torch.zeros(count, dtype=torch.int64)
-        else:
-            buffer = torch.empty(count, dtype=torch.int64, device=self.device)
+            self._step_end = self._stop_wished
+            for rank in range(self.world_size):
+                if rank != self.rank:
+                    self._send_words([int(self._stop_wished), *token_ids], rank)
+            return token_ids
+        stop, *received = self._recv_words(1 + count, self.sampling_rank)
+        self._step_end = bool(stop)
+        return received
+
+    def _send_words(self, words: list[int], dst: int) -> None:
+        tensor = torch.tensor(words, dtype=torch.int64)
         if self.mesh is not None:
-            self.mesh.all_reduce(buffer)  # the sampling rank's ids plus zeros: its ids, on every rank
+            self.mesh.send(tensor, dst=dst)
         else:
-            dist.broadcast(buffer, src=self.sampling_rank)
-        return [int(t) for t in buffer.tolist()]
+            dist.send(tensor.to(self.device), dst=dst)
+
+    def _recv_words(self, count: int, src: int) -> list[int]:
+        if self.mesh is not None:
+            tensor = self.mesh.recv((count,), torch.int64, src=src)
+        else:
+            tensor = torch.empty(count, dtype=torch.int64, device=self.device)
+            dist.recv(tensor, src=src)
+        return [int(v) for v in tensor.tolist()]
+
+    def _send_bytes(self, data: bytes, dst: int) -> None:
+        if self.mesh is not None:
+            self.mesh.send_bytes(data, dst=dst)
+        else:
+            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), dst=dst)
+
+    def _recv_bytes(self, size: int, src: int) -> bytes:
+        if self.mesh is not None:
+            return self.mesh.recv_bytes(size, src=src)
+        buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+        dist.recv(buffer, src=src)
+        return buffer.cpu().numpy().tobytes()
 
     def min_across_ranks(self, values: list[int]) -> list[int]:
         return self._reduce(values, dist.ReduceOp.MIN)

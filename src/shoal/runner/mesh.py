@@ -128,6 +128,15 @@ class SocketMesh:
         self._pump(src, None, buffer.view(-1).view(torch.uint8).numpy().data)
         return buffer
 
+    def send_bytes(self, data: bytes, dst: int) -> None:
+        """Point to point: raw bytes to rank `dst`, which calls `recv_bytes` with their length."""
+        self._pump(dst, memoryview(data), None)
+
+    def recv_bytes(self, size: int, src: int) -> bytes:
+        buffer = bytearray(size)
+        self._pump(src, None, memoryview(buffer))
+        return bytes(buffer)
+
     def _pump(self, rank: int, outgoing: memoryview | None, incoming: memoryview | None) -> None:
         peer = self._peers[rank]
         if peer is None:

@@ -7,8 +7,9 @@ Failed with the reason) and, once per step, the sampling rank's chunks keyed by 
 that does not sample, an empty end marker when a task finishes).
 
 Each step, on every rank: rank 0's delta since the last step (admissions and cancellations, in arrival
-order) reaches all ranks in one exchange that also carries any rank's wish to stop; every rank applies it
-in the same order and runs the same engine step (see stage.py). Idle, rank 0 still exchanges an empty delta
+order) reaches all ranks together with any rank's wish to stop (group.py: agreed before the step for
+tensor parallel, at its end for a pipeline); every rank applies it in the same order and runs the same
+engine step (see stage.py). Idle, rank 0 still exchanges an empty delta
 every `heartbeat_s`, so an idle group never hits its collective timeout and a stop is seen promptly.
 A request that fails alone (bad prompt, too long) is a chunk error; anything else ends the runner.
 """
@@ -132,12 +133,14 @@ class StepLoop:
         while True:
             ops = self._collect()
             payload = json.dumps(ops).encode() if ops else b""
-            payload, stop = self.channel.exchange(payload, self.link.stop_requested.is_set())
+            payload, stop = self.channel.begin_step(payload, self.link.stop_requested.is_set())
             if stop:
                 return
             self._apply(json.loads(payload) if payload else [])
             outputs = self.engine.step() if self.engine.has_unfinished() else []
             self._publish(outputs)
+            if self.channel.end_step():
+                return
 
     def _collect(self) -> list[Op]:
         """Drain the inbox; rank 0 turns tasks into ops. Idle, wait up to one heartbeat for the first."""

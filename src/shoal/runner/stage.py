@@ -48,11 +48,13 @@ class DistributedStage:
 
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         runner = self.model_runner
+        # Inputs first: a later stage builds them while the earlier stages compute.
+        step = runner.prepare(chunks)
         hidden: torch.Tensor | None = None
         if not runner.model.is_first_stage:
-            num_tokens = sum(len(chunk.token_ids) for chunk in chunks)
+            num_tokens = step.token_ids.shape[0]
             hidden = self.channel.recv_hidden((num_tokens, self.config.hidden_size), runner.dtype)
-        output = runner.execute(chunks, hidden)
+        output = runner.run(step, hidden)
         if runner.is_last_stage:
             return output
         self.channel.send_hidden(output)
@@ -62,7 +64,7 @@ class DistributedStage:
 class LockstepSampler(Sampler):
     """Every rank returns the same token ids.
 
-    Pipeline: only the last stage has logits; it samples and broadcasts the ids. Tensor parallel: every
+    Pipeline: only the last stage has logits; it samples and sends the ids to every other stage. Tensor parallel: every
     rank holds the same full logits (the LM head's all-reduce sums disjoint slices into zeros, exact on
     every rank), so each rank samples for itself and no collective is spent on the tokens; random rows
     stay identical because rank 0 gives every request a seed (`lockstep_params`), and the next exchange
@@ -81,9 +83,9 @@ class LockstepSampler(Sampler):
             return results
         if self.channel.rank == self.channel.sampling_rank:
             results = super().__call__(logits, seqs)
-            self.channel.broadcast_tokens([r.token_id for r in results], len(seqs))
+            self.channel.share_tokens([r.token_id for r in results], len(seqs))
             return results
-        token_ids = self.channel.broadcast_tokens(None, len(seqs))
+        token_ids = self.channel.share_tokens(None, len(seqs))
         return [SampleResult(token_id=token_id) for token_id in token_ids]
 
 
