@@ -72,7 +72,8 @@ def run_pipeline_bench(model: str, tokens: int, requests: int, runner_threads: i
     in the machine's speed (other tenants of a shared host) hits them alike; the ratio is given of the
     medians and as the median of back-to-back pairs."""
     with tempfile.TemporaryDirectory() as root:
-        cluster = LocalCluster(Path(root), cluster="bench-sharding", node_timeout_s=5.0)
+        # compiled one-stream decode, as a node has by default
+        cluster = LocalCluster(Path(root), cluster="bench-sharding", node_timeout_s=5.0, compile_decode=True)
         try:
             nodes = cluster.add(2, extra=("--runner-threads", str(runner_threads)))
             cluster.wait_until(lambda: all(n.get("/health") for n in nodes), 60, "node APIs")

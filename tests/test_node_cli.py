@@ -24,6 +24,8 @@ def test_runner_flags_become_settings(tmp_path: Path) -> None:
     assert settings.runner_threads == 2
     assert settings.runner_deadlines == dataclasses.replace(DEFAULT_DEADLINES, loading=3.0)
     assert settings.models_dir == tmp_path / "models"
+    assert settings.compile_decode  # by default; --no-compile turns it off
+    assert not build_settings(build_parser().parse_args(["node", "--no-compile"])).compile_decode
     hub = build_parser().parse_args(["node", "--hub-endpoint", "http://127.0.0.1:9", "--offline"])
     assert (build_settings(hub).hub_endpoint, build_settings(hub).offline) == ("http://127.0.0.1:9", True)
 

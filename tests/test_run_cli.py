@@ -128,6 +128,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
                 "run",
                 "--api-key",
                 API_KEY,
+                "--no-compile",  # the prompt test above takes the default, compiled path
                 *node_flags(data_dir, api_port, hub.url),
             ],
             stdin=subprocess.DEVNULL,

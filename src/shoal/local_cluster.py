@@ -105,6 +105,8 @@ class LocalCluster:
     cluster: str = "local"
     node_timeout_s: float = 2.0
     heartbeat_interval_s: float = 0.25
+    # Off by default: each test node would compile its decode layers (10-30 s on 2 cores) in a cache of its own.
+    compile_decode: bool = False
     nodes: list[LocalNode] = field(default_factory=list)
 
     def add(
@@ -148,6 +150,7 @@ class LocalCluster:
                 "--heartbeat-interval",
                 str(self.heartbeat_interval_s),
                 *peers,
+                *(() if self.compile_decode else ("--no-compile",)),
                 *extra,
             ]
             if cluster_key is not None:

@@ -127,6 +127,7 @@ class Node:
             WorkerSettings(
                 data_dir=settings.data_dir,
                 runner_threads=settings.runner_threads,
+                compile_decode=settings.compile_decode,
                 deadlines=settings.runner_deadlines,
             ),
             lambda: self.replica.state,

@@ -25,6 +25,7 @@ class NodeSettings:
     command_timeout_s: float = 5.0
     profile_update_interval_s: float = 5.0
     runner_threads: int | None = None
+    compile_decode: bool = True
     runner_deadlines: StageDeadlines = DEFAULT_DEADLINES
     first_chunk_timeout_s: float = 60.0
     hub_endpoint: str | None = None

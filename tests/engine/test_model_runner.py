@@ -142,14 +142,36 @@ def test_thread_policy_refuses_zero_threads() -> None:
         ThreadPolicy(large_step_threads=0)
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 # inductor's own imports use the deprecated torch.jit.script_method
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
     path, hf_model = tiny
     runner = make_runner(path, compile_decode=True)
+    prompt, table = ids(7, seed=11), (0, 1, 2, 3)
+    runner.execute([ScheduledChunk(0, tuple(prompt[:-3]), 0, table, sample=False)])
+    graphs = _compiled_graphs()
+    for back in (3, 2, 1):  # one-stream decode steps: the compiled path
+        logits = runner.execute([ScheduledChunk(0, (prompt[-back],), len(prompt) - back, table, sample=True)])
+        expected = hf_logits(hf_model, prompt[: len(prompt) - back + 1])[-1]
+        torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    assert _compiled_graphs() > graphs, "the one-stream decode steps did not run compiled"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_batched_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
+    path, hf_model = tiny
+    runner = make_runner(path)
+    runner.model.compile_decode(max_rows=2)  # by default only one stream runs compiled
     prompts = {0: ids(7, seed=11), 1: ids(4, seed=12)}
     tables = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
     runner.execute([ScheduledChunk(s, tuple(p[:-3]), 0, tables[s], sample=False) for s, p in prompts.items()])
+    graphs = _compiled_graphs()
     for back in (3, 2, 1):  # decode-only steps of two sequences of different lengths (padded context)
         chunks = [
             ScheduledChunk(s, (p[-back],), len(p) - back, tables[s], sample=True) for s, p in prompts.items()
@@ -158,3 +180,27 @@ def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None
         for row, p in enumerate(prompts.values()):
             expected = hf_logits(hf_model, p[: len(p) - back + 1])[-1]
             torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
+    assert _compiled_graphs() > graphs
+
+
+def test_a_failing_compile_falls_back_to_eager_decode(
+    tiny: tuple[Path, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No C++ compiler, an op inductor cannot take: the step runs eagerly, and so do the ones after it."""
+    path, hf_model = tiny
+    calls: list[int] = []
+
+    def broken_backend(graph: object, example_inputs: object) -> object:
+        calls.append(1)
+        raise RuntimeError("no C++ compiler here")
+
+    runner = make_runner(path)
+    runner.model.compile_decode(backend=broken_backend)
+    prompt, table = ids(6, seed=3), (0, 1, 2)
+    runner.execute([ScheduledChunk(0, tuple(prompt[:-2]), 0, table, sample=False)])
+    for back in (2, 1):
+        logits = runner.execute([ScheduledChunk(0, (prompt[-back],), len(prompt) - back, table, sample=True)])
+        expected = hf_logits(hf_model, prompt[: len(prompt) - back + 1])[-1]
+        torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    assert len(calls) == 1, "the compile was tried again after it failed"
+    assert "decoding eagerly from now on: " in caplog.text and "no C++ compiler here" in caplog.text

@@ -65,6 +65,22 @@ async def test_pipeline_gives_the_tokens_and_logprobs_of_one_process(
         assert all(supervisor.status(s.runner_id) == RunnerShutdown() for s in specs)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+async def test_a_compiled_pipeline_gives_the_tokens_and_logprobs_of_one_eager_process(tmp_path: Path) -> None:
+    """Each rank compiles its layers' one-stream decode in its warm-up (a node's default)."""
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    expected = [reference(model, [p], GREEDY)[0] for p in PROMPTS]
+    specs = instance_specs(model, "pipeline", 2, splits=(2,), compile_decode=True)
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs, timeout=240)  # a cold compile: ~10-30 s a rank here
+        for i, (prompt, want) in enumerate(zip(PROMPTS, expected, strict=True)):  # one stream at a time
+            chunks = await collect(supervisor, specs[0].runner_id, task(f"t{i}", prompt, GREEDY))
+            assert tokens_of(chunks) == list(want.token_ids)
+            got = [lp.logprob for c in chunks for lp in c.logprobs or ()]
+            assert want.logprobs is not None
+            assert got == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+
+
 async def test_int8_pipeline_gives_the_tokens_and_logprobs_of_one_int8_process(tmp_path: Path) -> None:
     model = write_tiny_model_dir(tmp_path / "model", "llama")
     # One prompt at a time on both sides: the int8 kernels compute in bf16, whose results depend on the

@@ -67,6 +67,9 @@ class RunnerSpec(FrozenModel):
     max_model_len: Positive | None = None
     tokenizer_cache_dir: str | None = None
     num_threads: Positive | None = None
+    # One-stream decode steps through torch.compile'd layers (`LlamaForCausalLM.compile_decode`): CPU and
+    # pipeline or single shards only (compiled layers would break at every tensor-parallel all-reduce).
+    compile_decode: bool = False
     # CPU cores the runner's compute threads run on (None: any). Applied once the group has started, so
     # gloo's I/O threads (started with the group) may run on any core: pinned to the compute core they
     # compete with it and every all-reduce waits for them (2.2 ms instead of 1.5 ms on the dev box).

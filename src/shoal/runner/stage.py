@@ -46,7 +46,10 @@ class DistributedStage:
         self.max_model_len = runner.max_model_len
         self.max_num_batched_tokens = runner.max_num_batched_tokens
 
+    @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """Inference mode throughout: a received hidden state is then an inference tensor like every
+        activation after it, so a compiled decode layer sees one kind of input (not two graphs)."""
         runner = self.model_runner
         # Inputs first: a later stage builds them while the earlier stages compute.
         step = runner.prepare(chunks)
@@ -121,6 +124,7 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         communicator=communicator,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len,
+        compile_decode=spec.compile_decode and spec.tp_size == 1 and spec.device == "cpu",
     )
     # Each rank quantizes its own slices ("auto" chooses per slice); KV cache and activations keep the
     # model dtype, and the kernels cast in and out. "none" too: on CPU it prepacks bf16 weights.
@@ -151,5 +155,6 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """One short greedy generation through every rank: exercises each layer and every collective."""
+    """One short greedy generation through every rank: exercises each layer and every collective, and its
+    second step (one stream, a context of 2) compiles the decode layers when the spec asks for it."""
     engine.generate([[0]], WARM_UP_PARAMS)

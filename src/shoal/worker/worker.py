@@ -77,6 +77,7 @@ KV_BLOCK_TOKENS: int = RunnerSpec.model_fields["block_size"].default
 class WorkerSettings:
     data_dir: Path
     runner_threads: int | None = None
+    compile_decode: bool = True
     deadlines: StageDeadlines = DEFAULT_DEADLINES
     runner_env: Mapping[str, str] = field(default_factory=dict)
     tick_s: float = 0.05
@@ -122,7 +123,11 @@ class Worker:
         }
 
     async def run(self) -> None:
-        config = SupervisorConfig(deadlines=self._settings.deadlines, runner_env=self._settings.runner_env)
+        # Compiled decode kernels are cached under the node's data dir, so a restart compiles nothing new.
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(self._settings.data_dir / "compile-cache")}
+        config = SupervisorConfig(
+            deadlines=self._settings.deadlines, runner_env={**env, **self._settings.runner_env}
+        )
         async with RunnerSupervisor(config) as supervisor, anyio.create_task_group() as tg:
             self._supervisor, self._task_group = supervisor, tg
             try:
@@ -173,6 +178,7 @@ class Worker:
                 action.instance.card.source,
                 tokenizer_cache_dir=str(self._settings.data_dir / "tokenizers"),
                 num_threads=self._settings.runner_threads,
+                compile_decode=self._settings.compile_decode,
                 max_model_len=_max_model_len(action.instance, action.shard),
             )
             log.info("starting runner %s (rank %d of %d)", spec.runner_id, spec.rank, spec.world_size)

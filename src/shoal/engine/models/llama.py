@@ -10,9 +10,13 @@ tensor-parallel size: the parallel layers hold only their rank's heads and MLP c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,6 +36,20 @@ from shoal.engine.layers import (
 from shoal.engine.parallel import Communicator, ShardSpec, SingleProcessCommunicator
 
 KVCache = torch.Tensor  # per layer: (num_blocks, block_size, 2, num_kv_heads_local, head_dim), k then v
+
+
+_log = logging.getLogger(__name__)
+
+# Decode steps of up to this many sequences run compiled (see `LlamaForCausalLM.compile_decode`). One
+# stream gains most; batches of 2-4 gain ~5% (one more compile: torch specializes a batch of 1), and on
+# CPU larger ones use the weights' prepacked dense copies, which the compiled graph cannot take.
+COMPILED_DECODE_MAX_ROWS = 1
+# What a failed compile raises (inductor wraps its C++ compiler's errors in BackendCompilerFailed).
+COMPILE_FAILURES: tuple[type[Exception], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    torch._inductor.exc.CppCompileError,
+    torch._inductor.exc.InvalidCxxCompiler,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -158,18 +176,27 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, dtype
         )
         self._decode_layer: Callable[..., torch.Tensor] | None = None
+        self._compiled_max_rows = 0
 
-    def compile_decode(self) -> None:
-        """Run the layers of decode-only steps through one torch.compile'd `LlamaDecoderLayer.forward`.
+    def compile_decode(
+        self, max_rows: int = COMPILED_DECODE_MAX_ROWS, backend: str | Callable[..., object] = "inductor"
+    ) -> None:
+        """Run the layers of decode-only steps of up to `max_rows` sequences through one torch.compile'd
+        `LlamaDecoderLayer.forward`.
 
         A decode step is a few hundred tiny kernels whose dispatch costs more than their work on CPU;
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
-        and calls the weight kernels as they are. One graph serves every layer (weights are inputs), and
-        after the first change of batch size or context length the shapes are symbolic, so a server
-        compiles about three times (~5 s each on the 2-core dev box, where it makes the layers ~25%
-        faster). Prefill and mixed steps stay eager: their time is in the GEMMs.
+        and calls the weight kernels as they are. One graph with symbolic batch size and context length
+        serves every layer (weights are inputs): it compiles once, on the first decode step with a context
+        of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
+        on-disk cache), and makes a one-stream SmolLM2 decode step ~15-30% faster there. Larger batches
+        and prefill stay eager: their time is in the GEMMs, whose prepacked weights inductor cannot take
+        (each would break the graph).
+        If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
+        eagerly from then on; a request never fails for it. `backend`: torch.compile's (tests).
         """
-        self._decode_layer = torch.compile(LlamaDecoderLayer.forward)
+        self._decode_layer = torch.compile(LlamaDecoderLayer.forward, dynamic=True, backend=backend)
+        self._compiled_max_rows = max_rows
 
     @property
     def num_layers_end(self) -> int:
@@ -185,7 +212,37 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) each
-        compiled = self._decode_layer if meta.decode_only else None
+        compiled = self._decode_layer
+        if compiled is not None and self._compiles(h, meta):
+            try:
+                # Without duck sizing a context of 2 would share its symbol with the cache's k/v axis and
+                # be specialized with it, compiling again on the next step.
+                with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                    return self._run_layers(h, cos, sin, meta, kv_caches, compiled)
+            except COMPILE_FAILURES as exc:
+                # Nothing to undo: a layer that ran wrote its K/V, and the eager rerun writes the same.
+                _log.warning("compiled decode failed, decoding eagerly from now on: %s", _compile_cause(exc))
+                self._decode_layer = None
+        return self._run_layers(h, cos, sin, meta, kv_caches, None)
+
+    def _compiles(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step runs compiled: decode only, few rows, and a context of 2 tokens or more (the
+        graph's context length is symbolic, but torch specializes a size of 1: a first token alone would
+        compile a second graph)."""
+        if not meta.decode_only or h.shape[0] > self._compiled_max_rows:
+            return False
+        gather = meta.groups[0].gather
+        return gather is not None and gather.shape[1] > 1
+
+    def _run_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        compiled: Callable[..., torch.Tensor] | None,
+    ) -> torch.Tensor:
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = (
                 layer(h, cos, sin, meta, kv_cache)
@@ -236,3 +293,10 @@ def _p(param: nn.Parameter | None) -> nn.Parameter:
     if param is None:
         raise RuntimeError("weights are loaded before any layer is quantized")
     return param
+
+
+def _compile_cause(exc: Exception) -> str:
+    """`Type: first line` of what made a compile fail (the backend's own error, when torch wrapped one)."""
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
