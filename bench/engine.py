@@ -6,7 +6,7 @@ decode limit it implies, and the ratios issue 2 targets. shoal runs through LLME
 batching) in bf16 and with int8 / int4 / auto weight quantization; transformers in bf16 from the same GGUF;
 llama.cpp through llama-cpp-python on the same Q4_1 file (optional: see bench/README.md).
 
-    .venv/bin/python bench/engine.py [--tokens 128] [--reps 3] [--modes none,int8,int4,auto]
+    .venv/bin/python bench/engine.py [--tokens 128] [--reps 3] [--modes none,int8,int4,auto] [--compile]
 """
 
 from __future__ import annotations
@@ -63,7 +63,12 @@ def bench_shoal(mode: str, args: argparse.Namespace, prompts: dict[int, str]) ->
     # on --decode-threads, prefill on --threads
     threads = ThreadPolicy(small_step_threads=args.decode_threads, large_step_threads=args.threads)
     runner = ModelRunner(
-        path, kv_cache_bytes=256 << 20, max_model_len=2048, max_num_batched_tokens=2048, threads=threads
+        path,
+        kv_cache_bytes=256 << 20,
+        max_model_len=2048,
+        max_num_batched_tokens=2048,
+        threads=threads,
+        compile_decode=args.compile,
     )
     summary = quantize_model(runner.model, mode)
     print(f"  shoal {mode}: {summary.describe()}", flush=True)
@@ -87,6 +92,8 @@ def bench_shoal(mode: str, args: argparse.Namespace, prompts: dict[int, str]) ->
                     times[out.request_id].append(time.perf_counter() - start)
         return [times[rid] for rid in ids]
 
+    if args.compile:
+        run([DECODE_PROMPT], 3)  # compiles the one-stream decode layers, as a node's warm-up does
     result: Result = {}
     result["decode"] = median_of(args.reps, lambda: decode_rate(run([DECODE_PROMPT], args.tokens)))
     for n, prompt in prompts.items():
@@ -220,6 +227,9 @@ def main() -> None:
         "--decode-threads", type=int, default=1, help="shoal's threads for steps under 64 tokens (decode)"
     )
     parser.add_argument("--modes", default="none,int8,int4,auto", help="shoal quantization modes to run")
+    parser.add_argument(
+        "--compile", action="store_true", help="shoal: compiled one-stream decode steps (a node's default)"
+    )
     parser.add_argument("--engines", default="shoal,transformers,llama.cpp")
     parser.add_argument("--streams", default="1,4,16")
     parser.add_argument("--prompt-tokens", default="200,1000", help="prompt lengths for time to first token")
@@ -234,7 +244,8 @@ def main() -> None:
     prompts = {int(n): prompt_of(tok.encode, tok.decode, int(n)) for n in args.prompt_tokens.split(",")}
 
     bw = measure_bandwidth()
-    print(f"threads: {args.threads} (shoal decode steps: {args.decode_threads})")
+    compiled = ", one-stream decode compiled" if args.compile else ""
+    print(f"threads: {args.threads} (shoal decode steps: {args.decode_threads}{compiled})")
     print(
         f"memory bandwidth ({args.threads} threads): read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s"
     )
