@@ -112,8 +112,9 @@ class Serving:
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
-    """`shoal run --api-key KEY` with stdin not a terminal and no prompt: it serves until SIGTERM. Its
-    node downloads from a local stand-in for the hub that holds one tiny model, acme/tiny."""
+    """`shoal run --api-key KEY` with stdin not a terminal and no prompt: it serves until SIGTERM, with
+    its node's defaults (compiled one-stream decode included). Its node downloads from a local stand-in
+    for the hub that holds one tiny model, acme/tiny."""
     data_dir = tmp_path_factory.mktemp("serve")
     hub = FakeHub({"acme/tiny": write_tiny_chat_model(tmp_path_factory.mktemp("hub") / "tiny")})
     hub.__enter__()
@@ -128,7 +129,6 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
                 "run",
                 "--api-key",
                 API_KEY,
-                "--no-compile",  # the prompt test above takes the default, compiled path
                 *node_flags(data_dir, api_port, hub.url),
             ],
             stdin=subprocess.DEVNULL,

@@ -184,6 +184,9 @@ def test_run_starts_a_local_only_node_unless_a_cluster_is_named(monkeypatch: pyt
     assert flags == ["--api-port", "52416", "--cluster", "home"]  # multicast discovery on, every interface
     assert "s3cret" not in flags and node_env(joined) == {"SHOAL_CLUSTER_KEY": "s3cret", "SHOAL_API_KEY": "k"}
     assert node_args(_run_args("--no-compile"), api_url(local))[-1] == "--no-compile"
+    assert (
+        node_args(_run_args("default", "hi"), api_url(local))[-1] == "--no-compile"
+    )  # one answer, then gone
     peer = _run_args("--peer", "tcp/10.0.0.5:7447", "--no-multicast")
     assert node_args(peer, api_url(peer))[-3:] == ["--peer", "tcp/10.0.0.5:7447", "--no-multicast"]
     monkeypatch.setenv("SHOAL_CLUSTER_KEY", "from-env")

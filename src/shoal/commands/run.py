@@ -78,7 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     node.add_argument("--no-multicast", action="store_true", help="no multicast discovery, even in a cluster")
     node.add_argument("--offline", action="store_true", help="the node downloads nothing")
     node.add_argument(
-        "--no-compile", action="store_true", help="the node decodes eagerly (no one-time torch.compile)"
+        "--no-compile",
+        action="store_true",
+        help="the node decodes eagerly: no torch.compile warm-up (always so for a node started for one PROMPT)",
     )
     node.add_argument("--hub-endpoint", default=None, help="Hugging Face hub the node downloads from")
     parser.set_defaults(run=run)
@@ -107,7 +109,9 @@ def node_args(args: argparse.Namespace, url: str) -> list[str]:
         flags.append("--no-multicast")  # with no peers either, the node listens on 127.0.0.1 only
     if args.offline:
         flags.append("--offline")
-    if args.no_compile:
+    if args.no_compile or args.prompt is not None:
+        # A node started for one answer stops after it: compiling (a few seconds, more the first time)
+        # would cost more than it saves.
         flags.append("--no-compile")
     if args.hub_endpoint:
         flags += ["--hub-endpoint", args.hub_endpoint]
