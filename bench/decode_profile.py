@@ -7,7 +7,7 @@ median split of a step into runner prepare / layers / LM head / the rest (sample
 detokenization), and the median CPU time of the calling thread per step: with 1 thread that is the
 figure to compare between runs on a shared machine, where wall times swing by a third with the load. `--profile` adds torch.profiler's top operators for one-stream decode.
 
-    .venv/bin/python bench/decode_profile.py [--threads 1] [--decode-threads 1] [--streams 1,4,16] [--modes none,auto] [--compile]
+    .venv/bin/python bench/decode_profile.py [--threads 2] [--decode-threads 1] [--streams 1,4,16] [--modes none,auto] [--compile]
 
 With --compile the first decode steps of each new batch size compile (seconds); the timed steps
 follow a warm-up step, so run with the stream counts in the order you want them compiled.
@@ -115,8 +115,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=1, help="threads of steps with >= 64 tokens (prefill)")
-    parser.add_argument("--decode-threads", type=int, default=1, help="threads of smaller (decode) steps")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="threads of steps with >= 64 tokens (prefill; default: torch's count, as a node's runner)",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="threads of smaller (decode) steps (default: --threads)",
+    )
     parser.add_argument("--streams", default="1,4,16")
     parser.add_argument("--modes", default="none,auto")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed per stream count")
@@ -124,6 +134,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile'd decode layers")
     parser.add_argument("--ttft", type=int, default=1000, help="prompt tokens for the TTFT line (0: skip)")
     args = parser.parse_args()
+    if args.decode_threads is None:
+        args.decode_threads = args.threads
     torch.set_num_threads(args.threads)
     path = embedded_model_path()
     tokenizer = load_tokenizer(path)

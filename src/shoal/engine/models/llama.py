@@ -186,8 +186,9 @@ class LlamaForCausalLM(nn.Module):
 
         A decode step is a few hundred tiny kernels whose dispatch costs more than their work on CPU;
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
-        and calls the weight kernels as they are. One graph with symbolic batch size and context length
-        serves every layer (weights are inputs): it compiles once, on the first decode step with a context
+        and calls the weight kernels as they are (its own kernels on one thread, the weight kernels on the
+        step's threads). One graph with symbolic batch size and context length serves every layer (weights
+        are inputs): it compiles once, on the first decode step with a context
         of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
         on-disk cache), and makes a one-stream SmolLM2 decode step ~15-30% faster there. Larger batches
         and prefill stay eager: their time is in the GEMMs, whose prepacked weights inductor cannot take
@@ -195,7 +196,12 @@ class LlamaForCausalLM(nn.Module):
         If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
         eagerly from then on; a request never fails for it. `backend`: torch.compile's (tests).
         """
-        self._decode_layer = torch.compile(LlamaDecoderLayer.forward, dynamic=True, backend=backend)
+        # inductor's own kernels stay single-threaded: each works on a few hundred values, where an OpenMP
+        # region costs more than it saves; the weight products it calls use torch's threads as set per step
+        options = {"cpp.threads": 1} if backend == "inductor" else None
+        self._decode_layer = torch.compile(
+            LlamaDecoderLayer.forward, dynamic=True, backend=backend, options=options
+        )
         self._compiled_max_rows = max_rows
 
     @property
