@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._dynamo.exc
@@ -198,7 +199,9 @@ class LlamaForCausalLM(nn.Module):
         """
         # inductor's own kernels stay single-threaded: each works on a few hundred values, where an OpenMP
         # region costs more than it saves; the weight products it calls use torch's threads as set per step
-        options = {"cpp.threads": 1} if backend == "inductor" else None
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"cpp.threads": 1} if backend == "inductor" else None
+        )
         self._decode_layer = torch.compile(
             LlamaDecoderLayer.forward, dynamic=True, backend=backend, options=options
         )
