@@ -189,9 +189,9 @@ class LlamaForCausalLM(nn.Module):
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
         and calls the weight kernels as they are (its own kernels on one thread, the weight kernels on the
         step's threads). One graph with symbolic batch size and context length serves every layer (weights
-        are inputs): it compiles once, on the first decode step with a context
-        of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
-        on-disk cache), and makes a one-stream SmolLM2 decode step ~15-30% faster there. Larger batches
+        are inputs): it compiles once, on the first decode step with a context of 2 tokens or more (~10-25 s
+        on the 2-core dev box the first time, a few seconds from inductor's on-disk cache), and makes a
+        one-stream SmolLM2 decode step ~15-30% faster there. Larger batches
         and prefill stay eager: their time is in the GEMMs, whose prepacked weights inductor cannot take
         (each would break the graph).
         If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
