@@ -153,14 +153,17 @@ def _compiled_graphs() -> int:
 def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
     path, hf_model = tiny
     runner = make_runner(path, compile_decode=True)
-    prompt, table = ids(7, seed=11), (0, 1, 2, 3)
-    runner.execute([ScheduledChunk(0, tuple(prompt[:-3]), 0, table, sample=False)])
+    prompt, table = ids(9, seed=11), (0, 1, 2, 3)
+    runner.execute([ScheduledChunk(0, tuple(prompt[:-5]), 0, table, sample=False)])
     graphs = _compiled_graphs()
-    for back in (3, 2, 1):  # one-stream decode steps: the compiled path
+    # one-stream decode steps: the compiled path, through dynamo for two steps, then called directly
+    for back in (5, 4, 3, 2, 1):
         logits = runner.execute([ScheduledChunk(0, (prompt[-back],), len(prompt) - back, table, sample=True)])
         expected = hf_logits(hf_model, prompt[: len(prompt) - back + 1])[-1]
         torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
     assert _compiled_graphs() > graphs, "the one-stream decode steps did not run compiled"
+    compiled = runner.model.compiled_decode
+    assert compiled is not None and compiled.direct
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -181,6 +184,11 @@ def test_compiled_batched_decode_matches_transformers(tiny: tuple[Path, object])
             expected = hf_logits(hf_model, p[: len(p) - back + 1])[-1]
             torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
     assert _compiled_graphs() > graphs
+    compiled = runner.model.compiled_decode
+    assert compiled is not None and compiled.direct  # for batches of two
+    longer = [*prompts[1], 77]  # then one stream: not the recorded batch size, so through dynamo again
+    logits = runner.execute([ScheduledChunk(1, (77,), len(longer) - 1, tables[1], sample=True)])
+    torch.testing.assert_close(logits[0], hf_logits(hf_model, longer)[-1], atol=ATOL, rtol=0)
 
 
 def test_a_failing_compile_falls_back_to_eager_decode(

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch._dynamo.exc
 import torch._inductor.exc
-import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,6 +33,7 @@ from shoal.engine.layers import (
     VocabParallelEmbedding,
     apply_rotary,
 )
+from shoal.engine.models.compiled_decode import CompiledDecode
 from shoal.engine.parallel import Communicator, ShardSpec, SingleProcessCommunicator
 
 KVCache = torch.Tensor  # per layer: (num_blocks, block_size, 2, num_kv_heads_local, head_dim), k then v
@@ -176,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, dtype
         )
-        self._decode_layer: Callable[..., torch.Tensor] | None = None
+        self._decode: CompiledDecode | None = None
         self._compiled_max_rows = 0
 
     def compile_decode(
@@ -190,10 +190,10 @@ class LlamaForCausalLM(nn.Module):
         and calls the weight kernels as they are (its own kernels on one thread, the weight kernels on the
         step's threads). One graph with symbolic batch size and context length serves every layer (weights
         are inputs): it compiles once, on the first decode step with a context of 2 tokens or more (~10-25 s
-        on the 2-core dev box the first time, a few seconds from inductor's on-disk cache), and makes a
-        one-stream SmolLM2 decode step ~15-30% faster there. Larger batches
-        and prefill stay eager: their time is in the GEMMs, whose prepacked weights inductor cannot take
-        (each would break the graph).
+        on the 2-core dev box the first time, a few seconds from inductor's on-disk cache). After two
+        steps through dynamo the graph is called directly, without dynamo's per-call guards
+        (`CompiledDecode`). Larger batches and prefill stay eager: their time is in the GEMMs, whose
+        prepacked weights inductor cannot take (each would break the graph).
         If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
         eagerly from then on; a request never fails for it. `backend`: torch.compile's (tests).
         """
@@ -201,13 +201,16 @@ class LlamaForCausalLM(nn.Module):
         # region costs more than it saves; the weight products it calls use torch's threads as set per step.
         # No size asserts in the graph's wrapper: ~20 a layer call, ~0.4 ms a SmolLM2 step, re-checking
         # what dynamo's guards already checked.
-        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+        options: dict[str, Any] | None = (
             {"cpp.threads": 1, "size_asserts": False} if backend == "inductor" else None
         )
-        self._decode_layer = torch.compile(
-            LlamaDecoderLayer.forward, dynamic=True, backend=backend, options=options
-        )
+        self._decode = CompiledDecode(LlamaDecoderLayer.forward, backend, options)
         self._compiled_max_rows = max_rows
+
+    @property
+    def compiled_decode(self) -> CompiledDecode | None:
+        """The compiled decode path (None: off, or off since a compile failed)."""
+        return self._decode
 
     @property
     def num_layers_end(self) -> int:
@@ -223,18 +226,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) each
-        compiled = self._decode_layer
-        if compiled is not None and self._compiles(h, meta):
+        decode = self._decode
+        if decode is not None and self._compiles(h, meta):
             try:
-                # Without duck sizing a context of 2 would share its symbol with the cache's k/v axis and
-                # be specialized with it, compiling again on the next step.
-                with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
-                    return self._run_layers(h, cos, sin, meta, kv_caches, compiled)
+                return decode.run(self.layers, h, cos, sin, meta, kv_caches)
             except COMPILE_FAILURES as exc:
                 # Nothing to undo: a layer that ran wrote its K/V, and the eager rerun writes the same.
                 _log.warning("compiled decode failed, decoding eagerly from now on: %s", _compile_cause(exc))
-                self._decode_layer = None
-        return self._run_layers(h, cos, sin, meta, kv_caches, None)
+                self._decode = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, meta, kv_cache)
+        return h
 
     def _compiles(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether this step runs compiled: decode only, few rows, and a context of 2 tokens or more (the
@@ -244,23 +246,6 @@ class LlamaForCausalLM(nn.Module):
             return False
         gather = meta.groups[0].gather
         return gather is not None and gather.shape[1] > 1
-
-    def _run_layers(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[KVCache],
-        compiled: Callable[..., torch.Tensor] | None,
-    ) -> torch.Tensor:
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = (
-                layer(h, cos, sin, meta, kv_cache)
-                if compiled is None
-                else compiled(layer, h, cos, sin, meta, kv_cache)
-            )
-        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) residual stream of the rows to sample -> (N, vocab) logits. Last stage only."""
