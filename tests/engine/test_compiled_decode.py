@@ -127,6 +127,23 @@ def test_steps_unlike_the_recorded_ones_go_through_dynamo() -> None:
 
 
 @torch.inference_mode()
+def test_each_batch_size_gets_its_own_plan() -> None:
+    layers = [ToyLayer(seed) for seed in range(2)]
+    decode = CompiledDecode(toy_forward, "eager", None)
+    dynamo_calls = count_dynamo_calls(decode)
+    ours, theirs = caches(3, 2), caches(3, 2)
+    schedule = [(1, 3), (2, 3), (1, 4), (2, 4), (1, 5), (2, 5), (3, 5)]  # (batch, context)
+    through_dynamo = []
+    for step, (batch, context) in enumerate(schedule):
+        inputs = step_inputs(batch, context, seed=step)
+        before = len(dynamo_calls)
+        torch.testing.assert_close(decode.run(layers, *inputs, ours), eager(layers, inputs, theirs))
+        through_dynamo.append(len(dynamo_calls) > before)
+    assert through_dynamo == [True, True, True, True, False, False, True]
+    assert decode.num_plans == 2
+
+
+@torch.inference_mode()
 def test_a_graph_break_leaves_every_step_on_dynamo() -> None:
     layers = [ToyLayer(seed) for seed in range(2)]
     decode = CompiledDecode(toy_forward_with_a_break, "eager", None)

@@ -169,8 +169,7 @@ def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_batched_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
     path, hf_model = tiny
-    runner = make_runner(path)
-    runner.model.compile_decode(max_rows=2)  # by default only one stream runs compiled
+    runner = make_runner(path, compile_decode=True)  # up to 4 streams run compiled
     prompts = {0: ids(7, seed=11), 1: ids(4, seed=12)}
     tables = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
     runner.execute([ScheduledChunk(s, tuple(p[:-3]), 0, tables[s], sample=False) for s, p in prompts.items()])
@@ -185,8 +184,8 @@ def test_compiled_batched_decode_matches_transformers(tiny: tuple[Path, object])
             torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
     assert _compiled_graphs() > graphs
     compiled = runner.model.compiled_decode
-    assert compiled is not None and compiled.direct  # for batches of two
-    longer = [*prompts[1], 77]  # then one stream: not the recorded batch size, so through dynamo again
+    assert compiled is not None and compiled.num_plans == 1  # for batches of two
+    longer = [*prompts[1], 77]  # then one stream: another batch size, so through dynamo, recording
     logits = runner.execute([ScheduledChunk(1, (77,), len(longer) - 1, tables[1], sample=True)])
     torch.testing.assert_close(logits[0], hf_logits(hf_model, longer)[-1], atol=ATOL, rtol=0)
 

@@ -155,6 +155,8 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """One short greedy generation through every rank: exercises each layer and every collective, and its
-    second step (one stream, a context of 2) compiles the decode layers when the spec asks for it."""
+    """Short greedy generations through every rank: exercise each layer and every collective, and, when
+    the spec compiles decode, compile both decode graphs (one stream, then two at once: the graph of 2-4
+    streams) before the runner is Ready, so no request waits for a compile."""
     engine.generate([[0]], WARM_UP_PARAMS)
+    engine.generate([[0], [1]], WARM_UP_PARAMS)

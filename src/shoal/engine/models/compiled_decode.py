@@ -8,19 +8,19 @@ graph's ~40 inputs (weights, scales, sizes) out of the layer's modules. On the 2
 ~200 us a SmolLM2 layer, as much as the layer's four weight products: 30 layers took 17.0 ms through
 dynamo and 11.0 ms calling the same compiled graph with the same arguments (1 thread, thread CPU time).
 
-How: the backend hands us each graph it compiles. While no plan exists, every decode step goes through
-dynamo and records, per layer call, the graph called and its arguments. Two recorded steps with
-different context lengths (consecutive decode steps of a stream) make the plan: each argument position
-is either the same object both times (a weight, the layer's KV cache, a size that does not change:
-bound once per layer), one of the step's inputs (h, cos, sin, slot mapping, gather, mask, found by
-identity), or an int that equals the context length both times. Anything else (a graph break, so two
-graphs per layer; an input of another kind) leaves the plan unbuilt, and steps keep going through
-dynamo as before.
+How: the backend hands us each graph it compiles. Steps are told apart by their signature (`_signature`:
+dtypes, sizes but the context's, contiguity, batch, grad mode; in practice the batch size). While a kind
+of step has no plan, it goes through dynamo and records, per layer call, the graph called and its
+arguments. Two recorded steps of one signature with different context lengths (consecutive decode steps)
+make its plan: each argument position is either the same object both times (a weight, the layer's KV
+cache, a size that does not change: bound once per layer), one of the step's inputs (h, cos, sin, slot
+mapping, gather, mask, found by identity), or an int that equals the context length both times.
+Anything else (a graph break, so two graphs per layer; an input of another kind) leaves the plan
+unbuilt, and such steps keep going through dynamo as before.
 
-Invariant: the plan is used only for steps the recorded graph was compiled for. Dynamo's guards checked
-that per call; the plan checks it once per step: each step input has the recorded dtype, number of dims
-and sizes (but the context's), is contiguous, and the step has the recorded batch and grad mode. Any
-other step goes through dynamo, which recompiles as it would have.
+Invariant: a plan is used only for steps with its signature, which the recorded graphs were compiled
+for. Dynamo's guards checked that per call; the signature is checked once per step. Any other step goes
+through dynamo, which recompiles as it would have.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ class _Plan:
     graphs: list[Callable[..., Any]]  # per layer
     bound: list[list[Any]]  # per layer: the arguments, with the per-step ones to fill in
     slots: list[list[_Slot]]  # per layer
-    signature: tuple[Any, ...]  # `_signature` of the recorded steps, context dims as None
 
 
 class CompiledDecode:
@@ -76,14 +75,19 @@ class CompiledDecode:
         options: dict[str, Any] | None,
     ) -> None:
         self._compiled = torch.compile(forward, dynamic=True, backend=_recording_backend(backend, options))
-        self._last_step: _Step | None = None
-        self._plan: _Plan | None = None
+        self._last_steps: dict[tuple[Any, ...], _Step] = {}  # per signature, while it has no plan
+        self._plans: dict[tuple[Any, ...], _Plan] = {}  # per signature (batch size, in practice)
         self._attempts = 0
 
     @property
     def direct(self) -> bool:
-        """Whether steps that fit the recorded ones skip dynamo."""
-        return self._plan is not None
+        """Whether some steps (those like the recorded ones) skip dynamo."""
+        return bool(self._plans)
+
+    @property
+    def num_plans(self) -> int:
+        """Kinds of steps (batch sizes) called directly."""
+        return len(self._plans)
 
     def run(
         self,
@@ -96,10 +100,11 @@ class CompiledDecode:
     ) -> torch.Tensor:
         inputs = _step_inputs(h, cos, sin, meta)
         context = _context(meta)
-        plan = self._plan
-        if plan is not None and _signature(inputs, meta) == plan.signature:
+        signature = _signature(inputs, meta)
+        plan = self._plans.get(signature)
+        if plan is not None:
             return _run_direct(plan, inputs, context)
-        record = plan is None and self._attempts < MAX_PLAN_ATTEMPTS
+        record = self._attempts < MAX_PLAN_ATTEMPTS
         calls: list[_Call] = []
         hs = [h]  # each layer call's h, then the output
         _recorder.calls = calls if record else None
@@ -112,23 +117,27 @@ class CompiledDecode:
         finally:
             _recorder.calls = None
         if record:
-            self._learn(_Step(calls, inputs, hs, context, _signature(inputs, meta)))
+            self._learn(_Step(calls, inputs, hs, context, signature))
         return hs[-1]
 
     def _learn(self, step: _Step) -> None:
         """Keep this step's recording; with the previous one, try to make the plan."""
         if len(step.calls) != len(step.hs) - 1:  # a graph break: more than one graph per layer call
             self._attempts += 1
-            self._last_step = None
+            self._last_steps.pop(step.signature, None)
             return
-        previous, self._last_step = self._last_step, step
-        if previous is None or previous.context == step.context or previous.signature != step.signature:
+        previous = self._last_steps.get(step.signature)
+        if previous is not None and previous.context == step.context:
+            return
+        self._last_steps[step.signature] = step
+        if previous is None:
             return
         plan = _make_plan(previous, step)
         if plan is None:
             self._attempts += 1
             return
-        self._plan, self._last_step = plan, None
+        self._plans[step.signature] = plan
+        del self._last_steps[step.signature]
         _log.info("compiled decode: %d layers now called without dynamo", len(step.calls))
 
 
@@ -256,7 +265,7 @@ def _make_plan(first: _Step, second: _Step) -> _Plan | None:
             args[slot.position] = None  # filled in per call
         bound.append(args)
         slots.append(layer_slots)
-    return _Plan(graphs, bound, slots, second.signature)
+    return _Plan(graphs, bound, slots)
 
 
 def _kind(

@@ -41,10 +41,11 @@ KVCache = torch.Tensor  # per layer: (num_blocks, block_size, 2, num_kv_heads_lo
 
 _log = logging.getLogger(__name__)
 
-# Decode steps of up to this many sequences run compiled (see `LlamaForCausalLM.compile_decode`). One
-# stream gains most; batches of 2-4 gain ~5% (one more compile: torch specializes a batch of 1), and on
-# CPU larger ones use the weights' prepacked dense copies, which the compiled graph cannot take.
-COMPILED_DECODE_MAX_ROWS = 1
+# Decode steps of up to this many sequences run compiled (see `LlamaForCausalLM.compile_decode`): one
+# stream (torch specializes a batch of 1) and batches of 2-4 (a second graph: 4 streams of the embedded
+# model 17-18 vs 22-26 ms a step eager). On CPU larger ones use the weights' prepacked dense copies
+# (`CPU_SMALL_M_DENSE`), which a compiled graph cannot take without a break per weight product.
+COMPILED_DECODE_MAX_ROWS = 4
 # What a failed compile raises (inductor wraps its C++ compiler's errors in BackendCompilerFailed).
 COMPILE_FAILURES: tuple[type[Exception], ...] = (
     torch._dynamo.exc.TorchDynamoException,
@@ -188,12 +189,12 @@ class LlamaForCausalLM(nn.Module):
         A decode step is a few hundred tiny kernels whose dispatch costs more than their work on CPU;
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
         and calls the weight kernels as they are (its own kernels on one thread, the weight kernels on the
-        step's threads). One graph with symbolic batch size and context length serves every layer (weights
-        are inputs): it compiles once, on the first decode step with a context of 2 tokens or more (~10-25 s
-        on the 2-core dev box the first time, a few seconds from inductor's on-disk cache). After two
-        steps through dynamo the graph is called directly, without dynamo's per-call guards
-        (`CompiledDecode`). Larger batches and prefill stay eager: their time is in the GEMMs, whose
-        prepacked weights inductor cannot take (each would break the graph).
+        step's threads). Graphs with a symbolic context length serve every layer (weights are inputs): one
+        for one stream, one for 2..`max_rows` streams; each compiles on its first decode step with a context
+        of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
+        on-disk cache). After two steps of a batch size through dynamo its graph is called directly,
+        without dynamo's per-call guards (`CompiledDecode`). Larger batches and prefill stay eager: their
+        time is in the GEMMs, whose prepacked weights inductor cannot take (each would break the graph).
         If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
         eagerly from then on; a request never fails for it. `backend`: torch.compile's (tests).
         """
