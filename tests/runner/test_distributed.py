@@ -11,6 +11,7 @@ import torch
 
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.spec import RunnerSpec
+from shoal.types.instance_ids import TaskId
 from shoal.types.runners import RunnerFailed, RunnerReady, RunnerShutdown, is_terminal
 from shoal.worker.supervisor import RunnerSupervisor
 from tests.runner.harness import collect, instance_specs, reference, start_instance, task, tokens_of, wait_for
@@ -63,6 +64,37 @@ async def test_pipeline_gives_the_tokens_and_logprobs_of_one_process(
             lambda: all(is_terminal(supervisor.status(s.runner_id)) for s in specs), 20, "every rank to stop"
         )
         assert all(supervisor.status(s.runner_id) == RunnerShutdown() for s in specs)
+
+
+async def test_a_pipeline_admits_and_cancels_tasks_while_it_decodes(tmp_path: Path) -> None:
+    """Rank 0 begins each next step while the later stage computes (serve.StepLoop): a task that arrives
+    mid-stream joins the running batch and gets the tokens it gets alone, and a cancel mid-stream ends
+    its task at once without disturbing the other."""
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    expected = reference(model, [PROMPTS[1]], GREEDY)[0]
+    specs = instance_specs(model, "pipeline", 2, splits=(1,))
+    async with RunnerSupervisor() as supervisor:
+        await start_instance(supervisor, specs)
+        first: list = []
+
+        async def stream_first() -> None:
+            async for chunk in supervisor.submit(specs[0].runner_id, task("long", PROMPTS[0], long)):
+                first.append(chunk)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(stream_first)
+            await wait_for(lambda: len(first) >= 3, 30, "the long task to stream")
+            joined = await collect(supervisor, specs[0].runner_id, task("joined", PROMPTS[1], GREEDY))
+            assert not first[-1].is_last  # the joined task really ran beside the long one
+            assert supervisor.cancel(TaskId("long"))
+        assert [c.error for c in joined] == [None] * len(joined)
+        assert tokens_of(joined) == list(expected.token_ids)
+        assert first[-1].finish_reason == "abort"
+        assert 3 <= len(tokens_of(first)) < 400
+        # The instance goes on serving after the cancel.
+        again = await collect(supervisor, specs[0].runner_id, task("again", PROMPTS[1], GREEDY))
+        assert tokens_of(again) == list(expected.token_ids)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -9,8 +9,11 @@ that does not sample, an empty end marker when a task finishes).
 Each step, on every rank: rank 0's delta since the last step (admissions and cancellations, in arrival
 order) reaches all ranks together with any rank's wish to stop (group.py: agreed before the step for
 tensor parallel, at its end for a pipeline); every rank applies it in the same order and runs the same
-engine step (see stage.py). Idle, rank 0 still exchanges an empty delta
-every `heartbeat_s`, so an idle group never hits its collective timeout and a stop is seen promptly.
+engine step (see stage.py). In a pipeline, rank 0 sends the next step's delta as soon as it has handed
+its hidden states to rank 1, while it waits for the tokens anyway: the delta then travels off the
+critical path, and rank 0 starts computing as soon as the tokens arrive. Idle, rank 0 still exchanges
+an empty delta every `heartbeat_s`, so an idle group never hits its collective timeout and a stop is
+seen promptly.
 A request that fails alone (bad prompt, too long) is a chunk error; anything else ends the runner.
 """
 
@@ -35,7 +38,7 @@ from shoal.runner.group import StepChannel, open_channel, start_group, stop_grou
 from shoal.runner.link import SupervisorLink
 from shoal.runner.messages import CancelTask, SubmitTask, TaskChunk, TaskPrompt
 from shoal.runner.spec import RunnerFaults, RunnerSpec, StallStage
-from shoal.runner.stage import build_engine, lockstep_params, warm_up
+from shoal.runner.stage import DistributedStage, build_engine, lockstep_params, warm_up
 from shoal.types.generation import TokenLogprobs, TopLogprob
 from shoal.types.instance_ids import TaskId
 from shoal.types.runners import (
@@ -128,12 +131,18 @@ class StepLoop:
         self.active: set[str] = set()
         # Chunks only this rank can send this step (rank 0's per-request errors).
         self.errors: list[TaskChunk] = []
+        # A pipeline's rank 0 begins the next step as soon as it has handed this step's hidden states on,
+        # while it waits for the tokens anyway; the next iteration then starts computing at once.
+        self._begun: tuple[bytes, bool] | None = None
+        if channel.chained and spec.rank == 0:
+            stage = engine.runner
+            assert isinstance(stage, DistributedStage)
+            stage.on_handoff = self._begin_next
 
     def run(self) -> None:
         while True:
-            ops = self._collect()
-            payload = json.dumps(ops).encode() if ops else b""
-            payload, stop = self.channel.begin_step(payload, self.link.stop_requested.is_set())
+            payload, stop = self._begun or self._begin()
+            self._begun = None
             if stop:
                 return
             self._apply(json.loads(payload) if payload else [])
@@ -141,6 +150,17 @@ class StepLoop:
             self._publish(outputs)
             if self.channel.end_step():
                 return
+
+    def _begin(self) -> tuple[bytes, bool]:
+        """The next step's delta, from rank 0 to every rank (see StepChannel.begin_step)."""
+        ops = self._collect()
+        payload = json.dumps(ops).encode() if ops else b""
+        return self.channel.begin_step(payload, self.link.stop_requested.is_set())
+
+    def _begin_next(self) -> None:
+        """Mid-step (rank 0 of a pipeline): the ops that arrived so far go to the next step. The group
+        agrees on a stop at this step's end, so a next step begun here is never run after a stop."""
+        self._begun = self._begin()
 
     def _collect(self) -> list[Op]:
         """Drain the inbox; rank 0 turns tasks into ops. Idle, wait up to one heartbeat for the first."""

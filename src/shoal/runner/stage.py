@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +45,9 @@ class DistributedStage:
         self.num_kv_blocks = num_kv_blocks
         self.max_model_len = runner.max_model_len
         self.max_num_batched_tokens = runner.max_num_batched_tokens
+        # Called right after this stage hands its hidden states on (a pipeline's rank 0 begins the next
+        # step there, while the later stages compute: see serve.StepLoop).
+        self.on_handoff: Callable[[], None] | None = None
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
@@ -61,6 +64,8 @@ class DistributedStage:
         if runner.is_last_stage:
             return output
         self.channel.send_hidden(output)
+        if self.on_handoff is not None:
+            self.on_handoff()
         return torch.empty((sum(chunk.sample for chunk in chunks), 0))
 
 
