@@ -76,7 +76,9 @@ def test_two_node_instance_gives_the_greedy_tokens_of_one_process(
     instance = response.json()
     assert instance["sharding"] == sharding and len(instance["shards"]) == 2
     assert {s["node_id"] for s in instance["shards"]} == {n0.node_id(), n1.node_id()}
-    # Before its runners are ready the model answers 503 with Retry-After, at once.
+    # Before its runners are ready the model answers 503 with Retry-After, at once (asked of n1 once the
+    # placement has reached it: the master answered 201 on n0, and n1 learns of it a moment later).
+    pair.wait_until(lambda: instance["instance_id"] in n1.state()["instances"], 5.0, "n1 to see the instance")
     early = httpx.post(f"{n1.api_url}/generate", json={"model": "tiny-llama", "prompt": PROMPT}, timeout=5)
     assert early.status_code == 503 and early.headers["Retry-After"], early.text
     wait_ready(pair, n1, instance["instance_id"])
