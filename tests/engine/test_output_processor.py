@@ -19,12 +19,14 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return load_tokenizer(embedded_model_path(), cache_dir=cache_dir)
 
 
-def feed(tokenizer: Tokenizer, params: SamplingParams, tokens: list[int]) -> list[tuple[str, str | None]]:
+def feed(
+    tokenizer: Tokenizer, params: SamplingParams, tokens: list[int], text: bool = True
+) -> list[tuple[str, str | None]]:
     """Run tokens through a processor until it finishes; (delta, finish_reason) per token."""
     seq = Sequence(
         seq_id=0, request_id="r", prompt_token_ids=[1], params=params, max_output_tokens=params.max_tokens
     )
-    processor = OutputProcessor(seq, tokenizer, eos_token_ids={EOS})
+    processor = OutputProcessor(seq, tokenizer, eos_token_ids={EOS}, text=text)
     steps = []
     for token in tokens:
         seq.append_token(token, now=0.0)
@@ -81,3 +83,40 @@ def test_eos_and_stop_token_ids_end_without_text(tokenizer: Tokenizer) -> None:
         [*tokenizer.encode("Hi ", add_special_tokens=False), *hello],
     )
     assert text_of(custom) == "Hi " and custom[-1][1] == "stop"
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting its decode calls."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.decodes = 0
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decodes += 1
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=6),
+        SamplingParams(max_tokens=50),  # ends on EOS
+        SamplingParams(stop=["the END"], max_tokens=50),
+        SamplingParams(stop=[" c x"], max_tokens=50),
+    ],
+)
+def test_without_text_the_finish_decisions_are_the_same(tokenizer: Tokenizer, params: SamplingParams) -> None:
+    """A rank that does not sample keeps no text: it decodes only for stop strings, and finishes its
+    requests exactly where the sampling rank does."""
+    tokens = tokenizer.encode("a b c d, Hello world, this is the END of it", add_special_tokens=False)
+    tokens.append(EOS)
+    with_text = feed(tokenizer, params, tokens)
+    counting = CountingTokenizer(tokenizer)
+    without = feed(counting, params, tokens, text=False)  # type: ignore[arg-type]
+    assert [reason for _, reason in without] == [reason for _, reason in with_text]
+    if params.stop:
+        assert counting.decodes > 0
+    else:
+        assert counting.decodes == 0
+        assert text_of(without) == ""

@@ -94,6 +94,9 @@ class LLMEngine:
         self._seqs: dict[int, Seq] = {}
         self._pending: list[RequestOutput] = []
         self._seq_ids = itertools.count()
+        # False: the outputs' text is never read (a rank that does not sample), so tokens are decoded
+        # only for stop strings; token ids and finish decisions are unchanged.
+        self.emit_text = True
         # what `load_engine(quant=...)` installed (None: an engine built around a runner by hand)
         self.quantization: QuantizationSummary | None = None
 
@@ -118,7 +121,9 @@ class LLMEngine:
             params=params,
             max_output_tokens=min(params.max_tokens, self.max_total_tokens - len(prompt_ids)),
         )
-        self._processors[request_id] = OutputProcessor(seq, self.tokenizer, self.eos_token_ids)
+        self._processors[request_id] = OutputProcessor(
+            seq, self.tokenizer, self.eos_token_ids, text=self.emit_text
+        )
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
 

@@ -37,9 +37,13 @@ class RequestOutput:
 
 
 class OutputProcessor:
-    """The text side of one request."""
+    """The text side of one request. With `text=False` (an engine whose output text nobody reads: a rank
+    that does not sample) tokens are decoded only when stop strings need the text; the deltas are then
+    empty, and the finish decisions are the same."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer, eos_token_ids: Collection[int]) -> None:
+    def __init__(
+        self, seq: Sequence, tokenizer: Tokenizer, eos_token_ids: Collection[int], text: bool = True
+    ) -> None:
         self.seq = seq
         params = seq.params
         self._stop_token_ids = set(params.stop_token_ids)
@@ -47,7 +51,9 @@ class OutputProcessor:
             self._stop_token_ids.update(eos_token_ids)
         self._stops = params.stop
         self._longest_stop = max((len(s) for s in self._stops), default=0)
-        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids)
+        self._detokenizer = (
+            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids) if text or self._stops else None
+        )
         self._text = ""
         self._num_emitted = 0
 
@@ -56,7 +62,7 @@ class OutputProcessor:
         finish_reason: str | None = None
         if result.token_id in self._stop_token_ids:
             finish_reason = FINISH_STOP
-        else:
+        elif self._detokenizer is not None:
             previous_length = len(self._text)
             self._text += self._detokenizer.add(result.token_id)
             if self._stops and len(self._text) > previous_length and self._cut_at_stop(previous_length):

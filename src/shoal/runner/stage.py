@@ -156,6 +156,8 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
         EngineConfig(max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs),
     )
     engine.sampler = LockstepSampler(channel)
+    # Only the sampling rank's text leaves the process (serve.StepLoop._publish).
+    engine.emit_text = spec.is_sampling_rank
     return engine
 
 
