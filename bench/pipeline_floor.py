@@ -28,13 +28,10 @@ PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("the other stage closed the socket")
-        data += chunk
-    return bytes(data)
+    data = sock.recv(size, socket.MSG_WAITALL)  # a blocking socket: short only at the peer's close
+    if len(data) != size:
+        raise ConnectionError("the other stage closed the socket")
+    return data
 
 
 def _run(role: str, split: int, steps: int, port: int, report: Connection) -> None:
