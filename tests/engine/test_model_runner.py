@@ -169,7 +169,7 @@ def test_compiled_decode_matches_transformers(tiny: tuple[Path, object]) -> None
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_batched_decode_matches_transformers(tiny: tuple[Path, object]) -> None:
     path, hf_model = tiny
-    runner = make_runner(path, compile_decode=True)  # up to 4 streams run compiled
+    runner = make_runner(path, compile_decode=True)
     prompts = {0: ids(7, seed=11), 1: ids(4, seed=12)}
     tables = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
     runner.execute([ScheduledChunk(s, tuple(p[:-3]), 0, tables[s], sample=False) for s, p in prompts.items()])

@@ -21,6 +21,7 @@ from shoal.engine.batch import ScheduledChunk
 from shoal.engine.config import ModelConfig
 from shoal.engine.llm_engine import EngineConfig, LLMEngine
 from shoal.engine.model_runner import ModelRunner
+from shoal.engine.models.llama import COMPILED_DECODE_SMALL_ROWS
 from shoal.engine.parallel import Communicator, ShardSpec, TorchDistributedCommunicator
 from shoal.engine.quant import quantize_model
 from shoal.engine.sampling import Sampler, SampleResult, SamplingParams
@@ -163,7 +164,8 @@ def build_engine(spec: RunnerSpec, channel: StepChannel) -> LLMEngine:
 
 def warm_up(engine: LLMEngine) -> None:
     """Short greedy generations through every rank: exercise each layer and every collective, and, when
-    the spec compiles decode, compile both decode graphs (one stream, then two at once: the graph of 2-4
-    streams) before the runner is Ready, so no request waits for a compile."""
+    the spec compiles decode, compile the decode graphs (one stream, two at once: the graph of 2-4 streams,
+    then the graph of larger batches) before the runner is Ready, so no request waits for a compile."""
     engine.generate([[0]], WARM_UP_PARAMS)
     engine.generate([[0], [1]], WARM_UP_PARAMS)
+    engine.generate([[i] for i in range(COMPILED_DECODE_SMALL_ROWS + 1)], WARM_UP_PARAMS)

@@ -81,7 +81,9 @@ class StageDeadlines:
     connected: float = 30.0
     loading: float = 900.0
     loaded: float = 30.0
-    warming_up: float = 120.0
+    # with compiled decode, warm-up compiles three graphs: from a cold compile cache 37 s for the embedded
+    # model on the 2-core dev box, 52 s for two ranks of a pipeline sharing it
+    warming_up: float = 300.0
     shutting_down: float = 15.0
 
     def for_status(self, status: RunnerStatus) -> tuple[str, float] | None:

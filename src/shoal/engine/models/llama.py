@@ -11,6 +11,7 @@ tensor-parallel size: the parallel layers hold only their rank's heads and MLP c
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,11 +42,13 @@ KVCache = torch.Tensor  # per layer: (num_blocks, block_size, 2, num_kv_heads_lo
 
 _log = logging.getLogger(__name__)
 
-# Decode steps of up to this many sequences run compiled (see `LlamaForCausalLM.compile_decode`): one
-# stream (torch specializes a batch of 1) and batches of 2-4 (a second graph: 4 streams of the embedded
-# model 17-18 vs 22-26 ms a step eager). On CPU larger ones use the weights' prepacked dense copies
-# (`CPU_SMALL_M_DENSE`), which a compiled graph cannot take without a break per weight product.
-COMPILED_DECODE_MAX_ROWS = 4
+# Compiled decode steps (see `LlamaForCausalLM.compile_decode`) of up to this many sequences run inductor's
+# own kernels on one thread: one stream (torch specializes a batch of 1) and batches of 2-4 (a second
+# graph: 4 streams of the embedded model 17-18 vs 22-26 ms a step eager). Larger batches go through a third
+# graph whose kernels use the step's threads (16 streams of the embedded model, 2 threads: 34-37 ms a step
+# vs 42-55 with one thread and 43-58 eager); their weight products take the prepacked dense copies
+# (`CPU_SMALL_M_DENSE`, the same bound).
+COMPILED_DECODE_SMALL_ROWS = 4
 # What a failed compile raises (inductor wraps its C++ compiler's errors in BackendCompilerFailed).
 COMPILE_FAILURES: tuple[type[Exception], ...] = (
     torch._dynamo.exc.TorchDynamoException,
@@ -177,14 +180,15 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, dtype
         )
-        self._decode: CompiledDecode | None = None
+        self._decode: CompiledDecode | None = None  # steps of up to COMPILED_DECODE_SMALL_ROWS rows
+        self._decode_batched: CompiledDecode | None = None  # larger ones
         self._compiled_max_rows = 0
 
     def compile_decode(
-        self, max_rows: int = COMPILED_DECODE_MAX_ROWS, backend: str | Callable[..., object] = "inductor"
+        self, max_rows: int | None = None, backend: str | Callable[..., object] = "inductor"
     ) -> None:
-        """Run the layers of decode-only steps of up to `max_rows` sequences through one torch.compile'd
-        `LlamaDecoderLayer.forward`.
+        """Run the layers of decode-only steps (of up to `max_rows` sequences; None: any number) through
+        a torch.compile'd `LlamaDecoderLayer.forward`.
 
         A decode step is a few hundred tiny kernels whose dispatch costs more than their work on CPU;
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
@@ -192,26 +196,34 @@ class LlamaForCausalLM(nn.Module):
         step's threads). Graphs with a symbolic context length serve every layer (weights are inputs): one
         for one stream, one for 2..`max_rows` streams; each compiles on its first decode step with a context
         of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
-        on-disk cache). After two steps of a batch size through dynamo its graph is called directly,
-        without dynamo's per-call guards (`CompiledDecode`). Larger batches and prefill stay eager: their
-        time is in the GEMMs, whose prepacked weights inductor cannot take (each would break the graph).
-        If compiling fails (no C++ compiler, an unsupported op), the model logs it once and decodes
-        eagerly from then on; a request never fails for it. `backend`: torch.compile's (tests).
+        on-disk cache), and a third for more than COMPILED_DECODE_SMALL_ROWS streams. After two steps of a
+        batch size through dynamo its graph is called directly, without dynamo's per-call guards
+        (`CompiledDecode`). Prefill stays eager: its time is in the GEMMs. If compiling fails (no C++
+        compiler, an unsupported op), the model logs it once and decodes eagerly from then on; a request
+        never fails for it. `backend`: torch.compile's (tests).
         """
-        # inductor's own kernels stay single-threaded: each works on a few hundred values, where an OpenMP
-        # region costs more than it saves; the weight products it calls use torch's threads as set per step.
+        # In steps of a few rows inductor's own kernels stay single-threaded: each works on a few hundred
+        # values, where an OpenMP region costs more than it saves; in larger ones they use the threads torch
+        # has when the graph compiles (the step's). The weight products use torch's threads as set per step.
         # No size asserts in the graph's wrapper: ~20 a layer call, ~0.4 ms a SmolLM2 step, re-checking
         # what dynamo's guards already checked.
-        options: dict[str, Any] | None = (
-            {"cpp.threads": 1, "size_asserts": False} if backend == "inductor" else None
-        )
-        self._decode = CompiledDecode(LlamaDecoderLayer.forward, backend, options)
-        self._compiled_max_rows = max_rows
+        inductor = backend == "inductor"
+        small: dict[str, Any] | None = {"cpp.threads": 1, "size_asserts": False} if inductor else None
+        batched: dict[str, Any] | None = {"size_asserts": False} if inductor else None
+        self._decode = CompiledDecode(LlamaDecoderLayer.forward, backend, small)
+        self._decode_batched = CompiledDecode(LlamaDecoderLayer.forward, backend, batched)
+        self._compiled_max_rows = sys.maxsize if max_rows is None else max_rows
 
     @property
     def compiled_decode(self) -> CompiledDecode | None:
-        """The compiled decode path (None: off, or off since a compile failed)."""
+        """The compiled decode path of steps of up to COMPILED_DECODE_SMALL_ROWS rows (None: off, or off
+        since a compile failed)."""
         return self._decode
+
+    @property
+    def compiled_batched_decode(self) -> CompiledDecode | None:
+        """The compiled decode path of larger steps (None: off, or off since a compile failed)."""
+        return self._decode_batched
 
     @property
     def num_layers_end(self) -> int:
@@ -227,26 +239,29 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (T, hidden) residual stream after this stage's last layer
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
         cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) each
-        decode = self._decode
-        if decode is not None and self._compiles(h, meta):
+        decode = self._compiled_for(h, meta)
+        if decode is not None:
             try:
                 return decode.run(self.layers, h, cos, sin, meta, kv_caches)
             except COMPILE_FAILURES as exc:
                 # Nothing to undo: a layer that ran wrote its K/V, and the eager rerun writes the same.
                 _log.warning("compiled decode failed, decoding eagerly from now on: %s", _compile_cause(exc))
-                self._decode = None
+                self._decode = self._decode_batched = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, meta, kv_cache)
         return h
 
-    def _compiles(self, h: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step runs compiled: decode only, few rows, and a context of 2 tokens or more (the
-        graph's context length is symbolic, but torch specializes a size of 1: a first token alone would
-        compile a second graph)."""
-        if not meta.decode_only or h.shape[0] > self._compiled_max_rows:
-            return False
+    def _compiled_for(self, h: torch.Tensor, meta: AttentionMetadata) -> CompiledDecode | None:
+        """The compiled path this step runs on, if any: decode only, up to `max_rows` rows, and a context of
+        2 tokens or more (the graph's context length is symbolic, but torch specializes a size of 1: a first
+        token alone would compile another graph)."""
+        rows = h.shape[0]
+        if not meta.decode_only or rows > self._compiled_max_rows:
+            return None
         gather = meta.groups[0].gather
-        return gather is not None and gather.shape[1] > 1
+        if gather is None or gather.shape[1] < 2:
+            return None
+        return self._decode if rows <= COMPILED_DECODE_SMALL_ROWS else self._decode_batched
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) residual stream of the rows to sample -> (N, vocab) logits. Last stage only."""
