@@ -96,3 +96,22 @@ def test_election_follows_an_existing_master_without_waiting() -> None:
     decision = election.decide(cand("a", last_index=9), now=0.2)
     assert decision.master == "z"
     assert election.max_term_seen(0.2) == 3
+
+
+def test_a_follower_does_not_crown_itself_with_its_masters_first_events() -> None:
+    """b heard a's heartbeat from before a took the role (not master, index 0), then applied a's first
+    events (index 2). Its longer log came from a: a is master, b keeps following it."""
+    election = Election(NodeId("b"), ElectionSettings(liveness_s=LIVENESS, settle_s=1.0), started_at=0.0)
+    election.observe(cand("a", heard_at=1.0))
+    me = cand("b", term=1, last_index=2)
+    assert election.decide(me, now=1.1).master == "b"  # what the stale heartbeat alone would make b do
+    election.observe_master(NodeId("a"), last_index=2, now=1.1)
+    decision = election.decide(me, now=1.2)
+    assert decision.master == "a" and not decision.is_self
+    # events are heard like heartbeats: a stays live while they come, and is replaced once both stop
+    assert election.decide(me, now=2.0).master == "a"
+    assert election.decide(me, now=2.2).master == "b"
+    # events name a master only among peers this node has heard (never itself)
+    election.observe_master(NodeId("c"), last_index=9, now=2.2)
+    election.observe_master(NodeId("b"), last_index=9, now=2.2)
+    assert [c.node_id for c in election.peers(2.2)] == []

@@ -8,6 +8,10 @@ Invariants:
 - An incumbent (a live node that says it is master, with the highest term among those that do) keeps the
   role unless a `--force-master` node appears; this keeps a healthy master from flapping because a
   follower's `last_index` briefly equals its own.
+- Events from a node say it is master as much as its heartbeats do (`observe_master`): a follower that has
+  applied a new master's first events, but still holds that node's heartbeat from before it took the
+  role, must not crown itself for holding the longer log (the master's own events, not yet in any
+  heartbeat of the master); the master would step down and drop what it had committed.
 - A node whose master role keeps failing says so in its heartbeats (`eligible` false while it backs
   off) and is passed over, so the role moves to a healthy node instead of crashing in a loop.
 - Without an incumbent: force_master first, then highest last_index (the most complete log, so nothing
@@ -17,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -98,6 +103,15 @@ class Election:
     def observe(self, candidate: Candidate) -> None:
         if candidate.node_id != self.node_id:
             self._peers[candidate.node_id] = candidate
+
+    def observe_master(self, node_id: NodeId, last_index: int, now: float) -> None:
+        """`node_id` sent events up to `last_index` as master: mark its candidate master and heard now."""
+        known = self._peers.get(node_id)
+        if known is None or node_id == self.node_id:
+            return
+        self._peers[node_id] = dataclasses.replace(
+            known, is_master=True, last_index=max(known.last_index, last_index), heard_at=now
+        )
 
     def forget(self, node_id: NodeId) -> None:
         self._peers.pop(node_id, None)

@@ -415,6 +415,12 @@ class Node:
                 self.settings.data_dir,
             )
 
+    def _heard_events(self, sender: NodeId, events: Sequence[IndexedEvent], now: float) -> None:
+        """Events from the master this node follows: it is master, whatever its last heartbeat said (see
+        shoal.election)."""
+        if events and sender == self.replica.master:
+            self.election.observe_master(sender, max(e.index for e in events), now)
+
     async def _handle(self, sender: NodeId, message: WireMessage) -> None:
         now = time.monotonic()
         if isinstance(message, Heartbeat):
@@ -444,8 +450,10 @@ class Node:
             if self._master is not None:
                 self._master.submit(message)
         elif isinstance(message, EventBatch):
+            self._heard_events(sender, message.events, now)
             self.replica.on_events(sender, message.events)
         elif isinstance(message, EventRange):
+            self._heard_events(sender, message.events, now)
             self.replica.on_range(sender, message.events)
         elif isinstance(message, EventRangeRequest):
             if self._master is not None and not self._claims_other_sender(sender, message.requester):
