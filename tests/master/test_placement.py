@@ -23,13 +23,15 @@ from placement_helpers import (
 
 from shoal.master.placement import (
     RENDEZVOUS_PORT_BASE,
+    RENDEZVOUS_PORT_COUNT,
     PlacementError,
     place,
     previews,
     split_layers,
 )
 from shoal.master.shard_memory import format_bytes
-from shoal.types.instances import Instance
+from shoal.types.instance_ids import InstanceId
+from shoal.types.instances import GroupAddress, Instance
 
 
 def test_fits_on_one_node_picks_the_node_with_most_free_memory() -> None:
@@ -41,7 +43,8 @@ def test_fits_on_one_node_picks_the_node_with_most_free_memory() -> None:
     assert (shard.rank, shard.world_size, shard.tp_rank, shard.tp_size) == (0, 1, 0, 1)
     assert shard.weight_bytes == 1300 * MB and shard.kv_cache_bytes == 0
     assert shard.runner_id == "inst1-r0"
-    assert instance.rendezvous.host == "127.0.0.1" and instance.rendezvous.port == RENDEZVOUS_PORT_BASE
+    assert instance.rendezvous.host == "127.0.0.1"
+    assert RENDEZVOUS_PORT_BASE <= instance.rendezvous.port < RENDEZVOUS_PORT_BASE + RENDEZVOUS_PORT_COUNT
 
 
 def test_exactly_enough_memory_fits_and_one_byte_less_does_not() -> None:
@@ -239,9 +242,35 @@ def test_rank_order_follows_the_fastest_ring() -> None:
 def test_rendezvous_uses_rank_zero_host_and_a_port_no_instance_uses() -> None:
     nodes = cluster(make_node("a", 8 * GB, host="10.1.1.1"))
     first = placed(CARD, nodes, request())
-    second = placed(CARD, nodes, request(), existing=[first])
+    second = placed(CARD, nodes, request(), existing=[first])  # the same instance id: the same start
     assert first.rendezvous.host == "10.1.1.1"
-    assert (first.rendezvous.port, second.rendezvous.port) == (RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_BASE + 1)
+    assert (
+        second.rendezvous.port == first.rendezvous.port + 1 or second.rendezvous.port == RENDEZVOUS_PORT_BASE
+    )
+
+
+def test_the_next_instance_does_not_reuse_the_port_of_one_just_deleted() -> None:
+    """Its rank 0 may hold the port while it shuts down: each instance id draws its own start in the range."""
+    nodes = cluster(make_node("a", 8 * GB))
+    ports = set()
+    for n in range(20):  # each placed after the one before was deleted: no existing instance
+        result = place(CARD, nodes, {}, request(), instance_id=InstanceId(f"instance-{n}"))
+        assert isinstance(result, Instance), result
+        assert RENDEZVOUS_PORT_BASE <= result.rendezvous.port < RENDEZVOUS_PORT_BASE + RENDEZVOUS_PORT_COUNT
+        ports.add(result.rendezvous.port)
+    assert len(ports) >= 18
+    # every port of the range is used before placement says none is left
+    base = placed(CARD, nodes, request())
+    host = base.rendezvous.host
+    last = RENDEZVOUS_PORT_BASE + RENDEZVOUS_PORT_COUNT - 1
+    used = [
+        base.model_copy(update={"rendezvous": GroupAddress(host=host, port=port)})
+        for port in range(RENDEZVOUS_PORT_BASE, last)
+    ]
+    assert placed(CARD, nodes, request(), existing=used).rendezvous.port == last
+    full = [*used, base.model_copy(update={"rendezvous": GroupAddress(host=host, port=last)})]
+    reason = place(CARD, nodes, {}, request(), instance_id=IID, existing=full)
+    assert isinstance(reason, PlacementError) and "no free rendezvous port" in reason.reason
 
 
 def test_wildcard_api_host_falls_back_to_an_interface_address() -> None:

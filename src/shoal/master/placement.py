@@ -22,12 +22,15 @@ Rules
   tensor is tried when pipeline cannot fit (tensor also splits the embedding and head).
 - Rank order: the ring (rank 0 -> ... -> last -> rank 0, the way activations and sampled tokens travel)
   with the smallest sum of measured RTTs; ties (and clusters too large to search) keep the order of most
-  free memory first, then node id. Rank 0's node hosts the rendezvous, on the lowest port from
-  RENDEZVOUS_PORT_BASE that no existing instance uses on that host.
+  free memory first, then node id. Rank 0's node hosts the rendezvous, on a port in RENDEZVOUS_PORT_BASE's
+  range that no existing instance uses on that host: the first free one from a start drawn from the
+  instance id. So a new instance does not take the port of one deleted a moment ago, whose rank 0 may
+  still hold it while it shuts down (its bind would fail).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,7 +210,7 @@ def _place(
             if len(slots) < size or (explicit and len(slots) < len(candidates)):
                 continue
             ordered = _ring_order(slots[:size], links)
-            port = _free_port(ordered[0].host, existing)
+            port = _free_port(ordered[0].host, existing, instance_id)
             if port is None:
                 return PlacementError(f"no free rendezvous port left on {ordered[0].host}")
             rendezvous = GroupAddress(host=ordered[0].host, port=port)
@@ -288,10 +291,11 @@ def _ring_order(slots: list[Slot], links: Links) -> tuple[Slot, ...]:
     return best
 
 
-def _free_port(host: str, existing: tuple[Instance, ...]) -> int | None:
+def _free_port(host: str, existing: tuple[Instance, ...], instance_id: InstanceId) -> int | None:
     used = {i.rendezvous.port for i in existing if i.rendezvous.host == host}
-    base = RENDEZVOUS_PORT_BASE
-    return next((p for p in range(base, base + RENDEZVOUS_PORT_COUNT) if p not in used), None)
+    start = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big") % RENDEZVOUS_PORT_COUNT
+    ports = (RENDEZVOUS_PORT_BASE + (start + k) % RENDEZVOUS_PORT_COUNT for k in range(RENDEZVOUS_PORT_COUNT))
+    return next((p for p in ports if p not in used), None)
 
 
 def split_layers(num_layers: int, weights: Sequence[int], caps: Sequence[int]) -> list[int]:
