@@ -194,10 +194,9 @@ class LlamaForCausalLM(nn.Module):
         inductor fuses the elementwise ones (norms, rotary, residual adds, SiLU, the attention's casts)
         and calls the weight kernels as they are (its own kernels on one thread, the weight kernels on the
         step's threads). Graphs with a symbolic context length serve every layer (weights are inputs): one
-        for one stream, one for 2..`max_rows` streams; each compiles on its first decode step with a context
-        of 2 tokens or more (~10-25 s on the 2-core dev box the first time, a few seconds from inductor's
-        on-disk cache), and a third for more than COMPILED_DECODE_SMALL_ROWS streams. After two steps of a
-        batch size through dynamo its graph is called directly, without dynamo's per-call guards
+        for one stream, one for 2-4 streams, one for more (see COMPILED_DECODE_SMALL_ROWS); each compiles
+        on its first decode step with a context of 2 tokens or more (~10-25 s on the 2-core dev box the
+        first time, a few seconds from inductor's on-disk cache). After two steps of a batch size through dynamo its graph is called directly, without dynamo's per-call guards
         (`CompiledDecode`). Prefill stays eager: its time is in the GEMMs. If compiling fails (no C++
         compiler, an unsupported op), the model logs it once and decodes eagerly from then on; a request
         never fails for it. `backend`: torch.compile's (tests).
