@@ -106,8 +106,8 @@ class Election:
 
     def observe_master(self, node_id: NodeId, last_index: int, now: float) -> None:
         """`node_id` sent events up to `last_index` as master: mark its candidate master and heard now."""
-        known = self._peers.get(node_id)
-        if known is None or node_id == self.node_id:
+        known = self._peers.get(node_id)  # never this node: `observe` keeps only peers
+        if known is None:
             return
         self._peers[node_id] = dataclasses.replace(
             known, is_master=True, last_index=max(known.last_index, last_index), heard_at=now

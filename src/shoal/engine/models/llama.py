@@ -196,10 +196,11 @@ class LlamaForCausalLM(nn.Module):
         step's threads). Graphs with a symbolic context length serve every layer (weights are inputs): one
         for one stream, one for 2-4 streams, one for more (see COMPILED_DECODE_SMALL_ROWS); each compiles
         on its first decode step with a context of 2 tokens or more (~10-25 s on the 2-core dev box the
-        first time, a few seconds from inductor's on-disk cache). After two steps of a batch size through dynamo its graph is called directly, without dynamo's per-call guards
-        (`CompiledDecode`). Prefill stays eager: its time is in the GEMMs. If compiling fails (no C++
-        compiler, an unsupported op), the model logs it once and decodes eagerly from then on; a request
-        never fails for it. `backend`: torch.compile's (tests).
+        first time, a few seconds from inductor's on-disk cache). After two steps of a batch size through
+        dynamo its graph is called directly, without dynamo's per-call guards (`CompiledDecode`). Prefill
+        stays eager: its time is in the GEMMs. If compiling fails (no C++ compiler, an unsupported op), the
+        model logs it once and decodes eagerly from then on; a request never fails for it. `backend`:
+        torch.compile's (tests).
         """
         # In steps of a few rows inductor's own kernels stay single-threaded: each works on a few hundred
         # values, where an OpenMP region costs more than it saves; in larger ones they use the threads torch
