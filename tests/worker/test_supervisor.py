@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import TaskChunk
 from shoal.runner.spec import STALL_STAGE_ENV
 from shoal.types.instance_ids import TaskId
-from shoal.types.runners import RunnerFailed, RunnerLoading, is_terminal
+from shoal.types.runners import RunnerFailed, RunnerLoading, RunnerShutdown, is_serving, is_terminal
 from shoal.worker.plan import StageDeadlines
 from shoal.worker.supervisor import RunnerSupervisor, SupervisorConfig, SupervisorError
 from tests.runner.harness import instance_specs, reference, start_instance, task, tokens_of, wait_for
@@ -85,34 +86,64 @@ async def test_pipeline_cancel_bad_request_and_sigkill_mid_stream(tmp_path: Path
 
 
 async def test_stuck_runners_fail_at_their_stage_deadlines(tmp_path: Path) -> None:
-    """Both runners hang on entering loading. One overruns the loading deadline; the other is asked to
-    shut down, cannot, and is killed at the shutting-down deadline. Both are reaped."""
+    """One runner hangs on entering loading and overruns the loading deadline. Another serves, is frozen
+    (SIGSTOP: it cannot read a stop request), is asked to shut down, and is killed at the shutting-down
+    deadline. Both are reaped."""
     model = write_tiny_model_dir(tmp_path / "model", "llama")
     (stuck,) = instance_specs(model, "pipeline", 1, instance="stuck")
-    (stopped,) = instance_specs(model, "pipeline", 1, instance="stopped")
-    config = SupervisorConfig(
-        deadlines=StageDeadlines(loading=1.5, shutting_down=1.0), runner_env={STALL_STAGE_ENV: "loading"}
-    )
+    (frozen,) = instance_specs(model, "pipeline", 1, instance="frozen")
+    config = SupervisorConfig(deadlines=StageDeadlines(loading=1.5, shutting_down=1.0))
     async with RunnerSupervisor(config) as supervisor:
-        await supervisor.spawn(stuck)
-        await supervisor.spawn(stopped)
-        ids = (stuck.runner_id, stopped.runner_id)
-        await wait_for(
-            lambda: all(isinstance(supervisor.status(r), RunnerLoading) for r in ids), 60, "both loading"
-        )
-        loading_since = {runner.runner_id: runner.status_since for runner in supervisor.runners()}
+        await supervisor.spawn(stuck, env={STALL_STAGE_ENV: "loading"})
+        await supervisor.spawn(frozen)
+        await wait_for(lambda: is_serving(supervisor.status(frozen.runner_id)), 60, "a serving runner")
+        await wait_for(lambda: isinstance(supervisor.status(stuck.runner_id), RunnerLoading), 60, "loading")
+        loading_since = supervisor._runners[stuck.runner_id].status_since
+        os.kill(supervisor._runners[frozen.runner_id].process.pid, signal.SIGSTOP)
         asked = time.monotonic()
         with anyio.fail_after(10):
-            stop_status = await supervisor.shutdown(stopped.runner_id)
+            stop_status = await supervisor.shutdown(frozen.runner_id)
         stop_elapsed = time.monotonic() - asked
         await wait_for(lambda: is_terminal(supervisor.status(stuck.runner_id)), 10, "the loading deadline")
-        load_elapsed = time.monotonic() - loading_since[stuck.runner_id]
+        load_elapsed = time.monotonic() - loading_since
         load_status = supervisor.status(stuck.runner_id)
         local = {runner.runner_id: runner.status for runner in supervisor.runners()}
-        processes = [supervisor._runners[r].process for r in ids]
+        processes = [supervisor._runners[r].process for r in (stuck.runner_id, frozen.runner_id)]
     assert 1.5 <= load_elapsed < 4 and 1.0 <= stop_elapsed < 3
     assert isinstance(load_status, RunnerFailed)
     assert load_status.reason == "loading did not finish within its deadline of 1.5 s (0 of 3 layers loaded)"
     assert stop_status == RunnerFailed(reason="shutdown did not finish within its deadline of 1 s")
-    assert local == {stuck.runner_id: load_status, stopped.runner_id: stop_status}
+    assert local == {stuck.runner_id: load_status, frozen.runner_id: stop_status}
     assert [p.returncode for p in processes] == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+async def test_a_stop_ends_a_starting_runner_at_once(tmp_path: Path) -> None:
+    """Rank 0 of a 2-rank instance whose rank 1 never comes waits in the rendezvous, holding the instance's
+    port; another runner hangs in loading. Neither could read a stop request before its stage returns.
+    A stop ends both at once (Shutdown, not Failed, long before any deadline), and the port is free."""
+    model = write_tiny_model_dir(tmp_path / "model", "llama")
+    waiting, _ = instance_specs(model, "pipeline", 2, splits=(2,), instance="waiting", group_timeout_s=60.0)
+    (loading,) = instance_specs(model, "pipeline", 1, instance="loading")
+    port = waiting.rendezvous.port
+    config = SupervisorConfig(deadlines=StageDeadlines(connecting=60, loading=60, shutting_down=30))
+    async with RunnerSupervisor(config) as supervisor:
+        await supervisor.spawn(waiting)
+        await supervisor.spawn(loading, env={STALL_STAGE_ENV: "loading"})
+        await wait_for(lambda: _listening(port), 60, "rank 0 to host the rendezvous")
+        await wait_for(lambda: isinstance(supervisor.status(loading.runner_id), RunnerLoading), 60, "loading")
+        asked = time.monotonic()
+        with anyio.fail_after(5):
+            statuses = [await supervisor.shutdown(s.runner_id) for s in (waiting, loading)]
+        elapsed = time.monotonic() - asked
+        with socket.create_server(("127.0.0.1", port)):  # rank 0's rendezvous port is free again
+            pass
+    assert statuses == [RunnerShutdown(), RunnerShutdown()]
+    assert elapsed < 2
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -13,6 +13,11 @@ Invariants:
   the stage. A process exit of any kind is seen at once (EOF on its socket), the process is reaped, and
   the runner ends Shutdown (a requested stop, or one its group agreed on) or Failed (the reason it
   reported, or its exit code or signal).
+- A stop asked of a runner that is still starting (not yet Ready) kills it at once and ends Shutdown: it
+  holds no task and no state worth draining, and a runner blocked in its group's rendezvous or in a load
+  would read the request only when that returns (a rank 0 in the rendezvous keeps the instance's port).
+  A serving runner is asked to stop, so its group agrees on the stop; it is killed only at the
+  shutting-down deadline.
 - When a runner ends, every task in flight on its instance gets an error chunk at once; no stream hangs.
 - Leaving the `async with` block shuts every runner down and reaps it: no process outlives the supervisor.
 """
@@ -38,12 +43,16 @@ from shoal.runner.messages import CancelTask, ChunkBatch, StatusReport, StopRunn
 from shoal.runner.spec import RunnerSpec
 from shoal.types.instance_ids import InstanceId, RunnerId, TaskId
 from shoal.types.runners import (
+    RunnerConnected,
+    RunnerConnecting,
     RunnerFailed,
     RunnerIdle,
+    RunnerLoaded,
     RunnerLoading,
     RunnerShutdown,
     RunnerShuttingDown,
     RunnerStatus,
+    RunnerWarmingUp,
     is_serving,
 )
 from shoal.worker.plan import DEFAULT_DEADLINES, LocalRunner, StageDeadlines
@@ -53,6 +62,8 @@ _T = TypeVar("_T")
 MAX_REASON = 2000
 # After EOF the process is exiting; give it this long to finish before it is killed.
 EXIT_GRACE_S = 2.0
+# A runner in these states has not served yet: a stop kills it at once.
+_STARTING = (RunnerIdle, RunnerConnecting, RunnerConnected, RunnerLoading, RunnerLoaded, RunnerWarmingUp)
 
 
 class SupervisorError(Exception):
@@ -77,6 +88,7 @@ class _Runner:
     changed: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)
     stop_requested: bool = False
+    stopped_while_starting: bool = False  # killed by a stop request before it served (ends Shutdown)
     kill_reason: str | None = None
 
 
@@ -198,16 +210,22 @@ class RunnerSupervisor:
 
     async def shutdown(self, runner_id: RunnerId, reason: str = "shutdown requested") -> RunnerStatus:
         """Ask the runner (and so its group) to stop; returns its final status. A runner that does not
-        exit within the shutting-down deadline is killed and ends Failed with that reason."""
+        exit within the shutting-down deadline is killed and ends Failed with that reason; one still
+        starting is killed at once and ends Shutdown (see the module doc)."""
         runner = self._get(runner_id)
         if not runner.exited.is_set():
             if not runner.stop_requested:
                 runner.stop_requested = True
+                starting = isinstance(runner.status, _STARTING)
                 self._set_status(runner_id, runner, RunnerShuttingDown())
-                try:
-                    runner.conn.send(StopRunner(reason))
-                except OSError:
-                    kill(runner.process)  # its end is gone: it is exiting, or must
+                if starting:
+                    runner.stopped_while_starting = True
+                    kill(runner.process)
+                else:
+                    try:
+                        runner.conn.send(StopRunner(reason))
+                    except OSError:
+                        kill(runner.process)  # its end is gone: it is exiting, or must
             await runner.exited.wait()
         return runner.status
 
@@ -302,7 +320,7 @@ class RunnerSupervisor:
             final: RunnerStatus = RunnerFailed(reason=runner.kill_reason[:MAX_REASON])
         elif isinstance(runner.status, RunnerShutdown | RunnerFailed):
             final = runner.status
-        elif runner.stop_requested and returncode == 0:
+        elif runner.stop_requested and (returncode == 0 or runner.stopped_while_starting):
             final = RunnerShutdown()
         else:
             reason = f"runner process {describe_exit(returncode)} while {_stage(runner.status)}"
