@@ -39,6 +39,7 @@ from shoal.types.runners import (
     RunnerStatus,
     RunnerWarmingUp,
     is_serving,
+    is_starting,
     is_terminal,
 )
 
@@ -110,6 +111,15 @@ def test_status_predicates() -> None:
     serving = {cls for cls, example in STATUS_EXAMPLES.items() if is_serving(example)}  # type: ignore[arg-type]
     assert terminal == {RunnerShutdown, RunnerFailed}
     assert serving == {RunnerReady, RunnerRunning}
+    starting = {cls for cls, example in STATUS_EXAMPLES.items() if is_starting(example)}  # type: ignore[arg-type]
+    assert starting == {
+        RunnerIdle,
+        RunnerConnecting,
+        RunnerConnected,
+        RunnerLoading,
+        RunnerLoaded,
+        RunnerWarmingUp,
+    }
 
 
 def test_loading_progress_cannot_exceed_its_total() -> None:

@@ -105,3 +105,11 @@ def is_terminal(status: RunnerStatus) -> bool:
 def is_serving(status: RunnerStatus) -> bool:
     """The runner can take tasks: routing picks instances whose runners all are."""
     return isinstance(status, RunnerReady | RunnerRunning)
+
+
+def is_starting(status: RunnerStatus) -> bool:
+    """The runner has not served yet (Idle through WarmingUp): it holds no task and no state to drain."""
+    return isinstance(
+        status,
+        RunnerIdle | RunnerConnecting | RunnerConnected | RunnerLoading | RunnerLoaded | RunnerWarmingUp,
+    )

@@ -43,17 +43,14 @@ from shoal.runner.messages import CancelTask, ChunkBatch, StatusReport, StopRunn
 from shoal.runner.spec import RunnerSpec
 from shoal.types.instance_ids import InstanceId, RunnerId, TaskId
 from shoal.types.runners import (
-    RunnerConnected,
-    RunnerConnecting,
     RunnerFailed,
     RunnerIdle,
-    RunnerLoaded,
     RunnerLoading,
     RunnerShutdown,
     RunnerShuttingDown,
     RunnerStatus,
-    RunnerWarmingUp,
     is_serving,
+    is_starting,
 )
 from shoal.worker.plan import DEFAULT_DEADLINES, LocalRunner, StageDeadlines
 from shoal.worker.runner_process import describe_exit, kill, reap, start_runner_process
@@ -62,8 +59,6 @@ _T = TypeVar("_T")
 MAX_REASON = 2000
 # After EOF the process is exiting; give it this long to finish before it is killed.
 EXIT_GRACE_S = 2.0
-# A runner in these states has not served yet: a stop kills it at once.
-_STARTING = (RunnerIdle, RunnerConnecting, RunnerConnected, RunnerLoading, RunnerLoaded, RunnerWarmingUp)
 
 
 class SupervisorError(Exception):
@@ -216,7 +211,7 @@ class RunnerSupervisor:
         if not runner.exited.is_set():
             if not runner.stop_requested:
                 runner.stop_requested = True
-                starting = isinstance(runner.status, _STARTING)
+                starting = is_starting(runner.status)
                 self._set_status(runner_id, runner, RunnerShuttingDown())
                 if starting:
                     runner.stopped_while_starting = True
