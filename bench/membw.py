@@ -2,13 +2,23 @@
 
 A decode step reads every matmul weight once (a matrix-vector product per weight), so
 tokens/s <= bandwidth / weight bytes per token. Run alone: `.venv/bin/python bench/membw.py`.
+
+`measure_pinned_read_bandwidth(cores)` reads from one process pinned to each core at once: what ranks
+pinned to those cores can stream together. On the 2-core dev box one core alone reads 18-29 GB/s and
+both together mostly 26-35 GB/s (1.2-1.5x), now and then ~55 GB/s: the VM shares its memory with other
+tenants. A decode bound by its weight reads gains from a second rank only what the second core adds.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
 import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier
 
 import torch
 
@@ -26,6 +36,46 @@ def measure_bandwidth(num_bytes: int = 512 << 20, reps: int = 5) -> dict[str, fl
         dst.copy_(src)
         copy.append(2 * num_bytes / (time.perf_counter() - start) / 1e9)
     return {"read": statistics.median(read[1:]), "copy": statistics.median(copy[1:])}
+
+
+def measure_pinned_read_bandwidth(
+    cores: Sequence[int], num_bytes: int = 64 << 20, duration_s: float = 2.0
+) -> list[float]:
+    """Read GB/s of one single-threaded process per core in `cores`, in that order: each sums its own
+    `num_bytes` buffer over and over for the same `duration_s` window, so they read at the same time
+    throughout (a reader that finished early would leave the others the whole memory system)."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(cores))
+    pipes = [context.Pipe(duplex=False) for _ in cores]
+    workers = [
+        context.Process(target=_pinned_reader, args=(core, num_bytes, duration_s, barrier, sender))
+        for core, (_, sender) in zip(cores, pipes, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        return [float(receiver.recv()) for receiver, _ in pipes]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _pinned_reader(
+    core: int, num_bytes: int, duration_s: float, barrier: Barrier, result: Connection
+) -> None:
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    src.sum()  # pages the buffer in
+    barrier.wait()
+    start = time.perf_counter()
+    passes = 0
+    while time.perf_counter() - start < duration_s:
+        src.sum()
+        passes += 1
+    result.send(passes * num_bytes / (time.perf_counter() - start) / 1e9)
 
 
 def decode_weight_bytes(
@@ -55,6 +105,14 @@ def main() -> None:
     print(
         f"memory bandwidth: read {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s ({args.threads} threads)"
     )
+    if len(os.sched_getaffinity(0)) >= 2:
+        first, second = sorted(os.sched_getaffinity(0))[:2]
+        alone = measure_pinned_read_bandwidth([first])[0]
+        together = sum(measure_pinned_read_bandwidth([first, second]))
+        print(
+            f"read from processes pinned to one core each: core {first} alone {alone:.1f} GB/s, cores {first} and"
+            f" {second} together {together:.1f} GB/s ({together / alone:.2f}x)"
+        )
     for fmt, num_bytes in decode_weight_bytes(30, 576, 1536, 576, 192, 49152).items():
         print(
             f"SmolLM2-135M {fmt:>15}: {num_bytes / 2**20:6.1f} MiB/token -> <= {bw['read'] * 1e9 / num_bytes:6.0f} tok/s"

@@ -26,6 +26,7 @@ import anyio
 import psutil
 import torch
 
+from membw import decode_weight_bytes, measure_pinned_read_bandwidth  # bench/ is on sys.path
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import SubmitTask
 from shoal.runner.spec import RunnerSpec
@@ -214,10 +215,37 @@ async def measure(
     return runs, cpu
 
 
+def print_read_bound(cores: tuple[int, int], dtype: str, quant: str) -> None:
+    """What the memory of the two pinned cores allows: a decode step reads every weight once, so a rank
+    (or two ranks together) cannot decode faster than its cores read the weights."""
+    alone = measure_pinned_read_bandwidth(cores[:1])[0]
+    together = sum(measure_pinned_read_bandwidth(cores))
+    line = (
+        f"memory read: core {cores[0]} alone {alone:.1f} GB/s, cores {cores[0]} and {cores[1]} together"
+        f" {together:.1f} GB/s ({together / alone:.2f}x)"
+    )
+    if quant == "none":
+        head_dim = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
+        weights = decode_weight_bytes(
+            SHAPE["num_hidden_layers"],
+            SHAPE["hidden_size"],
+            SHAPE["intermediate_size"],
+            SHAPE["hidden_size"],
+            SHAPE["num_key_value_heads"] * head_dim,
+            SHAPE["vocab_size"],
+        )["bf16"] * (2 if dtype == "float32" else 1)
+        line += (
+            f": reading its {dtype} weights ({weights / 1e9:.2f} GB a token) bounds 1 rank at"
+            f" {alone * 1e9 / weights:.1f} and 2 ranks at {together * 1e9 / weights:.1f} decode tok/s"
+        )
+    print(line, flush=True)
+
+
 def run_tensor_bench(
     model_dir: Path, *, tokens: int, requests: int, dtype: str, quant: str, cores: tuple[int, int]
 ) -> dict[str, float]:
     model = write_random_llama(model_dir)
+    print_read_bound(cores, dtype, quant)
     single, tensor = "1 rank, 1 core", "2 TP ranks, 1 core each"
     placements = {
         single: tensor_specs(model, cores[:1], dtype=dtype, quant=quant, instance="tp1"),
