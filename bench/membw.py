@@ -43,7 +43,8 @@ def measure_pinned_read_bandwidth(
 ) -> list[float]:
     """Read GB/s of one single-threaded process per core in `cores`, in that order: each sums its own
     `num_bytes` buffer over and over for the same `duration_s` window, so they read at the same time
-    throughout (a reader that finished early would leave the others the whole memory system)."""
+    throughout (a reader that finished early would leave the others the whole memory system). A reader
+    that fails (e.g. a core this process may not use) raises here instead of leaving the others waiting."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(len(cores))
     pipes = [context.Pipe(duplex=False) for _ in cores]
@@ -53,8 +54,16 @@ def measure_pinned_read_bandwidth(
     ]
     for worker in workers:
         worker.start()
+    for _, sender in pipes:
+        sender.close()  # the readers hold theirs: a reader's exit is then EOF here, not a wait forever
     try:
-        return [float(receiver.recv()) for receiver, _ in pipes]
+        rates = []
+        for core, (receiver, _) in zip(cores, pipes, strict=True):
+            try:
+                rates.append(float(receiver.recv()))
+            except EOFError:
+                raise RuntimeError(f"the reader pinned to core {core} ended without a result") from None
+        return rates
     finally:
         for worker in workers:
             worker.join(timeout=60)
@@ -62,14 +71,22 @@ def measure_pinned_read_bandwidth(
                 worker.kill()
 
 
+def measure_core_scaling(first: int, second: int) -> tuple[float, float]:
+    """Read GB/s of a process pinned to `first` alone, and of one on each of the two cores together."""
+    alone = measure_pinned_read_bandwidth([first])[0]
+    return alone, sum(measure_pinned_read_bandwidth([first, second]))
+
+
 def _pinned_reader(
     core: int, num_bytes: int, duration_s: float, barrier: Barrier, result: Connection
 ) -> None:
-    os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
-    src = torch.ones(num_bytes // 4, dtype=torch.float32)
-    src.sum()  # pages the buffer in
-    barrier.wait()
+    try:
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
+        src = torch.ones(num_bytes // 4, dtype=torch.float32)
+        src.sum()  # pages the buffer in
+    finally:
+        barrier.wait(timeout=60)  # a reader that failed still arrives, so the others go on
     start = time.perf_counter()
     passes = 0
     while time.perf_counter() - start < duration_s:
@@ -107,8 +124,7 @@ def main() -> None:
     )
     if len(os.sched_getaffinity(0)) >= 2:
         first, second = sorted(os.sched_getaffinity(0))[:2]
-        alone = measure_pinned_read_bandwidth([first])[0]
-        together = sum(measure_pinned_read_bandwidth([first, second]))
+        alone, together = measure_core_scaling(first, second)
         print(
             f"read from processes pinned to one core each: core {first} alone {alone:.1f} GB/s, cores {first} and"
             f" {second} together {together:.1f} GB/s ({together / alone:.2f}x)"

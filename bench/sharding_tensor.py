@@ -26,7 +26,7 @@ import anyio
 import psutil
 import torch
 
-from membw import decode_weight_bytes, measure_pinned_read_bandwidth  # bench/ is on sys.path
+from membw import decode_weight_bytes, measure_core_scaling  # bench/ is on sys.path
 from shoal.engine.sampling import SamplingParams
 from shoal.runner.messages import SubmitTask
 from shoal.runner.spec import RunnerSpec
@@ -218,8 +218,7 @@ async def measure(
 def print_read_bound(cores: tuple[int, int], dtype: str, quant: str) -> None:
     """What the memory of the two pinned cores allows: a decode step reads every weight once, so a rank
     (or two ranks together) cannot decode faster than its cores read the weights."""
-    alone = measure_pinned_read_bandwidth(cores[:1])[0]
-    together = sum(measure_pinned_read_bandwidth(cores))
+    alone, together = measure_core_scaling(*cores)
     line = (
         f"memory read: core {cores[0]} alone {alone:.1f} GB/s, cores {cores[0]} and {cores[1]} together"
         f" {together:.1f} GB/s ({together / alone:.2f}x)"
