@@ -5,7 +5,7 @@ tokens/s <= bandwidth / weight bytes per token. Run alone: `.venv/bin/python ben
 
 `measure_pinned_read_bandwidth(cores)` reads from one process pinned to each core at once: what ranks
 pinned to those cores can stream together. On the 2-core dev box one core alone reads 18-29 GB/s and
-both together mostly 26-35 GB/s (1.2-1.5x), now and then ~55 GB/s: the VM shares its memory with other
+both together mostly 26-35 GB/s (1.2-1.7x), now and then ~55 GB/s: the VM shares its memory with other
 tenants. A decode bound by its weight reads gains from a second rank only what the second core adds.
 """
 
