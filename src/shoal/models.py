@@ -16,6 +16,7 @@ from shoal.engine.embedded import EMBEDDED_MODEL_NAME, embedded_model_path
 from shoal.engine.errors import ModelLoadError
 from shoal.engine.loader import load_config
 from shoal.master.model_card import model_card_from_config
+from shoal.paths import user_path
 from shoal.types.instances import ModelCard
 
 DEFAULT_MODEL = "default"
@@ -38,7 +39,7 @@ def resolve_path(name: str, models_dir: Path | None) -> LocalModel:
             return LocalModel(EMBEDDED_MODEL_NAME, embedded_model_path(), embedded=True)
         except ModelLoadError as error:
             raise ModelNotFoundError(str(error)) from error
-    candidates = [Path(name).expanduser()]
+    candidates = [user_path(name)]
     if models_dir is not None and "/" not in name and name not in ("", ".", ".."):
         candidates.append(models_dir / name)
     for path in candidates:
@@ -80,6 +81,6 @@ def matches(name: str, card: ModelCard) -> bool:
     if name in (card.model_id, card.source):
         return True
     try:
-        return str(Path(name).expanduser().resolve()) == card.source
-    except (ValueError, OSError, RuntimeError):  # not a usable path (a NUL byte, a loop): a name only
+        return str(user_path(name).resolve()) == card.source
+    except (ValueError, OSError, RuntimeError):  # not a usable path (a NUL byte, a symlink loop): a name only
         return False

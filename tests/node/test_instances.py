@@ -120,6 +120,7 @@ def test_impossible_placements_are_refused_and_create_nothing(pair: LocalCluster
         ({"model": "default", "backend": "nccl"}, 409, "nccl"),
         ({"model": "default", "node_ids": ["no-such-node"]}, 409, "no-such-node"),
         ({"model": "no-such-model"}, 404, "unknown model"),
+        ({"model": "~shoal-no-such-user/model"}, 404, "unknown model"),  # a ~user with no home here
         ({"model": "default", "min_nodes": 0}, 422, "min_nodes"),
     ]
     for body, status, words in cases:
@@ -130,6 +131,8 @@ def test_impossible_placements_are_refused_and_create_nothing(pair: LocalCluster
     assert n0.state()["instances"] == {}
     # What could be placed instead: previews with per-node memory, and the models this node has.
     found = n0.get("/instances/previews?model=default", timeout=30)["previews"]
+    unknown = httpx.get(f"{n0.api_url}/instances/previews", params={"model": "~shoal-no-such-user"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found", unknown.text
     assert {(p["sharding"], len(p["memory"])) for p in found} >= {("pipeline", 1), ("pipeline", 2)}
     assert all(use["weight_bytes"] > 0 and use["free_bytes"] > 0 for p in found for use in p["memory"])
     models = n0.get("/models")["models"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -21,6 +20,7 @@ from shoal.engine.output_processor import RequestOutput
 from shoal.engine.quant import QUANT_MODES
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import default_cache_dir
+from shoal.paths import user_path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXIT_WORDS = {"/exit", "/quit"}
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> LLMEngine:
-    model_path = Path(args.model).expanduser() if args.model else embedded_model_path()
+    model_path = user_path(args.model) if args.model else embedded_model_path()
     if args.dtype == "auto":
         # The quantized kernels compute in bf16; unquantized CPU matmuls are no faster in bf16 than fp32 here.
         dtype = torch.float32 if args.device == "cpu" and args.quant == "none" else torch.bfloat16

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from shoal.client import ApiError, InstanceView, NodeClient
 from shoal.commands.progress import ProgressLine, describe_download, describe_instance
+from shoal.paths import user_path
 from shoal.worker.downloads import REPO_ID_PATTERN
 
 POLL_S = 0.25
@@ -34,7 +34,7 @@ class Served:
 
 def is_hub_repo_id(name: str) -> bool:
     """`owner/name` that is not a local path: a model the node downloads from the hub."""
-    return name.count("/") == 1 and bool(REPO_ID_PATTERN.match(name)) and not Path(name).expanduser().exists()
+    return name.count("/") == 1 and bool(REPO_ID_PATTERN.match(name)) and not user_path(name).exists()
 
 
 def serves(name: str, instance: InstanceView, embedded_id: str | None) -> bool:
@@ -43,7 +43,7 @@ def serves(name: str, instance: InstanceView, embedded_id: str | None) -> bool:
         return embedded_id is not None and instance.model_id == embedded_id
     if name in (instance.model_id, instance.source):
         return True
-    path = Path(name).expanduser()
+    path = user_path(name)
     return path.exists() and str(path.resolve()) == instance.source
 
 

@@ -22,6 +22,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shoal.engine.errors import ModelLoadError
+from shoal.paths import user_path
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -122,7 +123,7 @@ def _as_plain_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_tokenizer_source(model_path: Path) -> tuple[Path, str | None]:
     """(folder, gguf file name or None) for a model path; a clear error when it holds no tokenizer."""
-    path = Path(model_path).expanduser()
+    path = user_path(model_path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if path.is_file():

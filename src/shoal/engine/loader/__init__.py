@@ -19,6 +19,7 @@ from shoal.engine.loader.gguf_source import GGUFSource
 from shoal.engine.loader.safetensors_source import SafetensorsSource
 from shoal.engine.models import LlamaForCausalLM
 from shoal.engine.parallel import Communicator, ShardSpec
+from shoal.paths import user_path
 
 __all__ = ["GGUFSource", "SafetensorsSource", "TensorSource", "load_config", "load_model", "open_source"]
 
@@ -35,7 +36,7 @@ class TensorSource(Protocol):
 
 def open_source(path: str | Path) -> TensorSource:
     """A validated tensor source for a model folder, a .gguf file, or a folder holding one .gguf file."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if path.is_file():
